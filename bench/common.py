@@ -1,0 +1,43 @@
+"""Benchmark helpers: synchronised timing, peak memory, and the facts RESULTS.md needs.
+
+Each benchmark records device, versions and, on CUDA, the peak memory allocated above the inputs in
+benchmark.extra_info, so `--benchmark-json` output carries everything.
+"""
+
+import torch
+
+HAS_GPU = torch.cuda.is_available()
+DEVICE = "cuda" if HAS_GPU else "cpu"
+
+
+def synchronize():
+    if HAS_GPU:
+        torch.cuda.synchronize()
+
+
+def peak_memory_mib(fn) -> float | None:
+    """Peak CUDA memory allocated by one call of fn beyond what was allocated before it (None on CPU)."""
+    if not HAS_GPU:
+        return None
+    synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    result = fn()
+    synchronize()
+    peak = torch.cuda.max_memory_allocated() - before
+    del result
+    return peak / 2**20
+
+
+def run_benchmark(benchmark, fn, *, rounds: int = 20, warmup: int = 3, **extra):
+    """Times fn (synchronised), records its peak memory and the given extra fields."""
+    def timed():
+        out = fn()
+        synchronize()
+        return out
+
+    for _ in range(warmup):
+        timed()
+    benchmark.extra_info.update(device=torch.cuda.get_device_name(0) if HAS_GPU else "cpu",
+                                torch=torch.__version__, peak_mib=peak_memory_mib(fn), **extra)
+    return benchmark.pedantic(timed, rounds=rounds, iterations=1)
