@@ -1,0 +1,3 @@
+"""Modules built on the fused ops."""
+
+__all__: list[str] = []
