@@ -40,6 +40,7 @@ if PROBLEM is not None and os.environ.get("VSE_KERNELS_DISABLE_EXT") != "1":
                   RuntimeWarning, stacklevel=2)
 
 
+@torch.compiler.assume_constant_result  # a dispatcher query dynamo cannot trace; fixed after import
 def has_kernel(op: str, device_type: str) -> bool:
     """Whether the compiled library registered `vse_kernels::<op>` for this device type ("cpu", "cuda")."""
     if C is None:

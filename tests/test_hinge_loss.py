@@ -1,0 +1,238 @@
+"""vse_kernels.hinge_triplet_loss (C++/CUDA op) against its plain-PyTorch reference."""
+
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import vse_kernels as vk
+from vse_kernels import _extension
+from vse_kernels.ops.hinge_loss import hinge_triplet_loss_reference as reference
+from utils import DEVICES, assert_close, assert_matches_reference
+
+OP_FWD = torch.ops.vse_kernels.hinge_triplet_loss_fwd.default
+
+
+def repeated_ids(batch, device="cpu"):
+    """Captions of the same image side by side (5 per image, like the data loader gives)."""
+    return torch.arange(batch, device=device) // 5
+
+
+def loss_fn(**options):
+    return lambda s: vk.hinge_triplet_loss(s, **options)
+
+
+def reference_fn(**options):
+    return lambda s: reference(s, **options)
+
+
+def test_extension_is_loaded():
+    # CI installs the package with its compiled part: the fallback must not hide a broken build.
+    assert _extension.C is not None, _extension.PROBLEM
+    assert _extension.has_kernel("hinge_triplet_loss_fwd", "cpu")
+    assert _extension.BUILD_INFO["torch_version"] == torch.__version__
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("batch", [1, 2, 7, 33, 128, 301])
+@pytest.mark.parametrize("max_violation", [True, False])
+@pytest.mark.parametrize("same_image", [False, True])
+@pytest.mark.parametrize("reduction", ["sum", "mean"])
+def test_matches_reference(device, batch, max_violation, same_image, reduction):
+    scores = torch.randn(batch, batch, device=device, requires_grad=True)
+    options = dict(margin=0.2, max_violation=max_violation, reduction=reduction,
+                   img_ids=repeated_ids(batch, device) if same_image else None)
+    assert_matches_reference(loss_fn(**options), reference_fn(**options), [scores])
+
+
+@pytest.mark.parametrize("max_violation", [True, False])
+def test_ties_go_to_the_lowest_index(max_violation):
+    # Small integers: many exactly equal hardest negatives and hinges at exactly zero violation.
+    scores = torch.randint(-3, 4, (40, 40)).double().requires_grad_()
+    for margin in (0.0, 1.0):
+        options = dict(margin=margin, max_violation=max_violation)
+        out = vk.hinge_triplet_loss(scores, **options)
+        grad = torch.autograd.grad(out, scores)[0]
+        ref_out = reference(scores, **options)
+        ref_grad = torch.autograd.grad(ref_out, scores)[0]
+        assert torch.equal(out, ref_out) and torch.equal(grad, ref_grad)
+
+
+def test_zero_gradient_at_the_hinge_boundary():
+    # Every violation is exactly 0: loss 0 and gradient 0 (documented convention).
+    scores = torch.zeros(4, 4, dtype=torch.float64, requires_grad=True)
+    loss = vk.hinge_triplet_loss(scores, margin=0.0)
+    assert loss.item() == 0.0
+    assert torch.count_nonzero(torch.autograd.grad(loss, scores)[0]) == 0
+
+
+def test_rows_without_negatives_contribute_nothing():
+    # All captions belong to one image: no negatives at all.
+    scores = torch.randn(5, 5, requires_grad=True)
+    loss = vk.hinge_triplet_loss(scores, img_ids=torch.zeros(5, dtype=torch.long))
+    assert loss.item() == 0.0
+    assert torch.count_nonzero(torch.autograd.grad(loss, scores)[0]) == 0
+
+
+def test_known_value():
+    # Hand-computed: image 0 prefers caption 1 by 0.5 over its own (cost 0.7); caption 1's hardest image
+    # is 1 itself excluded, so image 0 (0.9 vs 0.6: cost 0.5); others inactive.
+    scores = torch.tensor([[0.4, 0.9], [0.1, 0.6]], dtype=torch.float64)
+    # cost_s: row 0: 0.2 + 0.9 - 0.4 = 0.7; row 1: 0.2 + 0.1 - 0.6 < 0.
+    # cost_im: col 0: 0.2 + 0.1 - 0.4 < 0; col 1: 0.2 + 0.9 - 0.6 = 0.5.
+    assert vk.hinge_triplet_loss(scores).item() == pytest.approx(1.2)
+    assert vk.hinge_triplet_loss(scores, reduction="mean").item() == pytest.approx(0.6)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("max_violation", [True, False])
+def test_half_precision(device, dtype, max_violation):
+    # The kernel reads half inputs and computes in float32: compare with the float32 reference on the
+    # same (rounded) values; gradients are +-g sums, exact in half for these magnitudes.
+    scores = torch.randn(65, 65, device=device).to(dtype)
+    ids = repeated_ids(65, device)
+    options = dict(max_violation=max_violation, img_ids=ids)
+    assert_matches_reference(loss_fn(**options), lambda s: reference(s.float(), **options),
+                             [scores.requires_grad_()], grad_output=torch.ones((), device=device), dtype=dtype)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_non_contiguous_and_integer_ids(device):
+    base = torch.randn(50, 50, device=device)
+    scores = base.t().requires_grad_()  # transposed view
+    ids = (torch.arange(50, device=device) // 5).to(torch.int32)
+    options = dict(img_ids=ids)
+    assert_matches_reference(loss_fn(**options), reference_fn(img_ids=ids.long()), [scores])
+    strided = torch.randn(60, 120, device=device)[:, ::2].requires_grad_()
+    assert_matches_reference(loss_fn(), reference_fn(), [strided])
+
+
+@pytest.mark.parametrize("max_violation", [True, False])
+def test_gradcheck(max_violation):
+    # Continuous random scores keep away from the hinge kinks, where the loss is not differentiable.
+    scores = torch.randn(9, 9, dtype=torch.float64, requires_grad=True)
+    ids = torch.tensor([0, 0, 1, 2, 2, 2, 3, 4, 4])
+    assert torch.autograd.gradcheck(lambda s: vk.hinge_triplet_loss(s, max_violation=max_violation, img_ids=ids),
+                                    (scores,))
+
+
+@pytest.mark.parametrize("max_violation", [True, False])
+@pytest.mark.parametrize("with_ids", [False, True])
+def test_opcheck(max_violation, with_ids):
+    scores = torch.randn(12, 12, requires_grad=True)
+    ids = repeated_ids(12) if with_ids else None
+    torch.library.opcheck(OP_FWD, (scores, 0.2, max_violation, ids))
+
+
+def test_torch_compile_fullgraph():
+    def step(scores, ids):
+        return vk.hinge_triplet_loss(scores * 2.0, img_ids=ids, reduction="mean")
+
+    compiled = torch.compile(step, fullgraph=True)
+    scores = torch.randn(16, 16, requires_grad=True)
+    ids = repeated_ids(16)
+    out = compiled(scores, ids)
+    grad = torch.autograd.grad(out, scores)[0]
+    ref = step(scores, ids)
+    assert_close(out, ref)
+    assert_close(grad, torch.autograd.grad(ref, scores)[0])
+
+
+def test_deterministic():
+    scores = torch.randn(513, 513)
+    for max_violation in (True, False):
+        runs = []
+        for _ in range(2):
+            s = scores.clone().requires_grad_()
+            loss = vk.hinge_triplet_loss(s, max_violation=max_violation)
+            runs.append((loss.detach(), torch.autograd.grad(loss, s)[0]))
+        assert torch.equal(runs[0][0], runs[1][0]) and torch.equal(runs[0][1], runs[1][1])
+
+
+@pytest.mark.parametrize("bad, error, match", [
+    (dict(scores=torch.randn(3, 4)), ValueError, r"scores must be square \(B, B\), got shape \(3, 4\)"),
+    (dict(scores=torch.randn(3)), ValueError, r"scores must be 2-D, got shape \(3,\)"),
+    (dict(scores=torch.randn(2, 3, 3)), ValueError, r"scores must be 2-D"),
+    (dict(scores=torch.ones(3, 3, dtype=torch.long)), TypeError, r"scores must be float16.*got torch.int64"),
+    (dict(scores=[[1.0]]), TypeError, r"scores must be a torch.Tensor, got list"),
+    (dict(img_ids=torch.arange(4)), ValueError, r"img_ids must have shape \(3,\) to match scores, got \(4,\)"),
+    (dict(img_ids=torch.zeros(3)), TypeError, r"img_ids must be an integer tensor, got torch.float32"),
+    (dict(img_ids=torch.zeros(3, 1, dtype=torch.long)), ValueError, r"img_ids must be 1-D"),
+    (dict(img_ids=torch.zeros(3, dtype=torch.long, device="meta")), ValueError, r"scores on cpu, img_ids on meta"),
+    (dict(reduction="avg"), ValueError, r"reduction must be one of \('sum', 'mean'\), got 'avg'"),
+    (dict(margin="0.2"), TypeError, r"margin must be a number, got str"),
+])
+def test_bad_input(bad, error, match):
+    args = dict(scores=torch.randn(3, 3)) | bad
+    scores = args.pop("scores")
+    with pytest.raises(error, match=match):
+        vk.hinge_triplet_loss(scores, **args)
+
+
+def test_op_checks_its_inputs():
+    # Calling the registered op directly bypasses the Python checks: the C++ ones still hold.
+    with pytest.raises(RuntimeError, match=r"scores must be a square \(B, B\) matrix"):
+        OP_FWD(torch.randn(3, 4), 0.2, True, None)
+    with pytest.raises(RuntimeError, match=r"img_ids must be int64"):
+        OP_FWD(torch.randn(3, 3), 0.2, True, torch.zeros(3, dtype=torch.int32))
+
+
+def test_fallback_without_extension():
+    # A missing or mismatched build must not break the import: the reference path takes over.
+    code = (
+        "import warnings, torch\n"
+        "import vse_kernels as vk, vse_kernels._extension as ext\n"
+        "from vse_kernels.ops.hinge_loss import hinge_triplet_loss_reference as ref\n"
+        "assert ext.C is None and 'VSE_KERNELS_DISABLE_EXT' in ext.PROBLEM\n"
+        "s = torch.randn(6, 6, requires_grad=True)\n"
+        "assert torch.allclose(vk.hinge_triplet_loss(s), ref(s))\n"
+        "vk.hinge_triplet_loss(s).backward()\n"
+        "print('fallback ok')\n"
+    )
+    env = dict(os.environ, VSE_KERNELS_DISABLE_EXT="1")
+    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "fallback ok" in result.stdout
+
+
+def test_info_reports_the_build():
+    result = subprocess.run([sys.executable, "-m", "vse_kernels.info"], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert re.search(r"compiled ops \(_C\) +loaded", result.stdout), result.stdout
+    assert re.search(rf"torch +{re.escape(torch.__version__)}\n", result.stdout), result.stdout
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("max_violation", [True, False])
+def test_cuda_matches_cpu_kernel_and_is_deterministic(max_violation):
+    scores = torch.randn(1031, 1031)
+    ids = repeated_ids(1031)
+    results = {}
+    for device in ("cpu", "cuda", "cuda"):
+        s = scores.to(device).requires_grad_()
+        loss = vk.hinge_triplet_loss(s, max_violation=max_violation, img_ids=ids.to(device))
+        results.setdefault(device, []).append((loss.detach().cpu(), torch.autograd.grad(loss, s)[0].cpu()))
+    (cpu_loss, cpu_grad), = results["cpu"]
+    (a_loss, a_grad), (b_loss, b_grad) = results["cuda"]
+    assert torch.equal(a_loss, b_loss) and torch.equal(a_grad, b_grad), "CUDA runs differ"
+    assert_close(a_loss, cpu_loss)
+    assert torch.equal(a_grad, cpu_grad)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("max_violation", [True, False])
+def test_cuda_no_square_temporaries(max_violation):
+    # Forward + backward may allocate the B x B gradient, but no other B x B buffer.
+    batch = 4096
+    scores = torch.randn(batch, batch, device="cuda", requires_grad=True)
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    grad = torch.autograd.grad(vk.hinge_triplet_loss(scores, max_violation=max_violation), scores)[0]
+    torch.cuda.synchronize()
+    extra = torch.cuda.max_memory_allocated() - before
+    assert extra <= grad.numel() * grad.element_size() + 4 * 2**20, f"{extra / 2**20:.1f} MiB extra"
