@@ -1,0 +1,4 @@
+from .naive import multi_head_attention_reference
+from .op import multi_head_attention
+
+__all__ = ["multi_head_attention", "multi_head_attention_reference"]

@@ -1,0 +1,216 @@
+"""Triton kernels for short-sequence multi-head attention (SPEC §2.3) and their launchers.
+
+One program owns whole (batch, head) pairs (PAIRS of them, one after another, so that small problems
+still give each program enough work): the entire key range of a pair (Lk <= MAX_LK) is one tile kept on
+chip, so the softmax is exact (no online rescaling) and the query rows are walked in blocks of BLOCK_M.
+Backward: the same program recomputes P from the saved log-sum-exp, writes dQ per query block and
+accumulates dK, dV for the whole key range in registers, so every output element is written by exactly
+one program: no atomics, deterministic. D_i = rowsum(dO ⊙ O) is computed in the backward kernel itself
+(one launch forward, one launch backward).
+
+Layout: every tensor is passed with its four strides (b, h, l, d), so permuted views of a packed QKV
+projection need no copy. LSE is (B·H, Lq) float32 in natural log; +inf marks a fully-masked query row,
+which makes exp(s - lse) = 0 for every key, hence zero output and zero gradients for that row.
+
+Under TRITON_INTERPRET=1 (CPU tensors) tiles are upcast to fp32 after loading: the interpreter computes
+bf16 dots wrongly. On a GPU fp16/bf16 tiles go to the tensor cores with fp32 accumulation; fp32 inputs
+use input_precision="ieee" (not TF32) so fp32 results are as accurate as PyTorch's fp32 matmul.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+MAX_LK = 128   # key range held in one tile; longer key sequences use the op's math path
+MAX_DH = 128
+_LOG2E = 1.4426950408889634
+_LN2 = 0.6931471805599453
+
+
+@triton.jit
+def _attn_fwd_kernel(
+    Q, K, V, MASK, O, LSE,
+    sqb, sqh, sql, sqd, skb, skh, skl, skd, svb, svh, svl, svd, sob, soh, sol, sod,
+    H, BH, Lq, Lk, Dh, qk_scale,
+    HAS_MASK: tl.constexpr, PAIRS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr, UPCAST: tl.constexpr, DOT_PREC: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < Dh
+    n_ok = offs_n < Lk
+    kv_ok = n_ok[:, None] & d_ok[None, :]
+    for i in range(PAIRS):
+        pair = pid * PAIRS + i
+        if pair < BH:
+            # int64 offsets: B·H·L·Dh can exceed 2**31 elements at the batch sizes this is built for.
+            b = (pair // H).to(tl.int64)
+            h = (pair % H).to(tl.int64)
+            k = tl.load(K + b * skb + h * skh + offs_n[:, None] * skl + offs_d[None, :] * skd, mask=kv_ok, other=0.0)
+            v = tl.load(V + b * svb + h * svh + offs_n[:, None] * svl + offs_d[None, :] * svd, mask=kv_ok, other=0.0)
+            if UPCAST:
+                k = k.to(tl.float32)
+                v = v.to(tl.float32)
+            key_ok = n_ok
+            if HAS_MASK:
+                pad = tl.load(MASK + b * Lk + offs_n, mask=n_ok, other=1)
+                key_ok = key_ok & (pad == 0)
+            for m0 in range(0, Lq, BLOCK_M):
+                rows = m0 + offs_m
+                r_ok = rows < Lq
+                q = tl.load(Q + b * sqb + h * sqh + rows[:, None] * sql + offs_d[None, :] * sqd,
+                            mask=r_ok[:, None] & d_ok[None, :], other=0.0)
+                if UPCAST:
+                    q = q.to(tl.float32)
+                s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale   # base-2 logits
+                s = tl.where(key_ok[None, :], s, float("-inf"))
+                m = tl.max(s, axis=1)
+                m = tl.where(m == float("-inf"), 0.0, m)          # fully-masked row: avoid -inf - -inf
+                p = tl.exp2(s - m[:, None])
+                l = tl.sum(p, axis=1)
+                l_safe = tl.where(l == 0.0, 1.0, l)
+                o = tl.dot(p.to(v.dtype), v, input_precision=DOT_PREC) / l_safe[:, None]
+                tl.store(O + b * sob + h * soh + rows[:, None] * sol + offs_d[None, :] * sod,
+                         o.to(O.dtype.element_ty), mask=r_ok[:, None] & d_ok[None, :])
+                lse = tl.where(l == 0.0, float("inf"), (m + tl.log2(l_safe)) * 0.6931471805599453)
+                tl.store(LSE + pair.to(tl.int64) * Lq + rows, lse, mask=r_ok)
+
+
+@triton.jit
+def _attn_bwd_kernel(
+    Q, K, V, MASK, O, DO, LSE, DQ, DK, DV,
+    sqb, sqh, sql, sqd, skb, skh, skl, skd, svb, svh, svl, svd, sob, soh, sol, sod,
+    sgb, sgh, sgl, sgd, sdqb, sdqh, sdql, sdqd, sdkb, sdkh, sdkl, sdkd, sdvb, sdvh, sdvl, sdvd,
+    H, BH, Lq, Lk, Dh, scale, qk_scale,
+    HAS_MASK: tl.constexpr, PAIRS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr, UPCAST: tl.constexpr, DOT_PREC: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < Dh
+    n_ok = offs_n < Lk
+    kv_ok = n_ok[:, None] & d_ok[None, :]
+    for i in range(PAIRS):
+        pair = pid * PAIRS + i
+        if pair < BH:
+            b = (pair // H).to(tl.int64)
+            h = (pair % H).to(tl.int64)
+            k = tl.load(K + b * skb + h * skh + offs_n[:, None] * skl + offs_d[None, :] * skd, mask=kv_ok, other=0.0)
+            v = tl.load(V + b * svb + h * svh + offs_n[:, None] * svl + offs_d[None, :] * svd, mask=kv_ok, other=0.0)
+            if UPCAST:
+                k = k.to(tl.float32)
+                v = v.to(tl.float32)
+            key_ok = n_ok
+            if HAS_MASK:
+                pad = tl.load(MASK + b * Lk + offs_n, mask=n_ok, other=1)
+                key_ok = key_ok & (pad == 0)
+            dk = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
+            dv = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
+            for m0 in range(0, Lq, BLOCK_M):
+                rows = m0 + offs_m
+                r_ok = rows < Lq
+                qd_ok = r_ok[:, None] & d_ok[None, :]
+                q = tl.load(Q + b * sqb + h * sqh + rows[:, None] * sql + offs_d[None, :] * sqd, mask=qd_ok, other=0.0)
+                do = tl.load(DO + b * sgb + h * sgh + rows[:, None] * sgl + offs_d[None, :] * sgd, mask=qd_ok, other=0.0)
+                o = tl.load(O + b * sob + h * soh + rows[:, None] * sol + offs_d[None, :] * sod, mask=qd_ok, other=0.0)
+                # padded rows read lse = +inf, so they contribute nothing below
+                lse = tl.load(LSE + pair.to(tl.int64) * Lq + rows, mask=r_ok, other=float("inf"))
+                if UPCAST:
+                    q = q.to(tl.float32)
+                    do = do.to(tl.float32)
+                delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), axis=1)
+                s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale
+                s = tl.where(key_ok[None, :], s, float("-inf"))
+                p = tl.exp2(s - lse[:, None] * 1.4426950408889634)
+                dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=DOT_PREC)
+                dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)
+                ds = p * (dp - delta[:, None])
+                dq = tl.dot(ds.to(k.dtype), k, input_precision=DOT_PREC) * scale
+                tl.store(DQ + b * sdqb + h * sdqh + rows[:, None] * sdql + offs_d[None, :] * sdqd,
+                         dq.to(DQ.dtype.element_ty), mask=qd_ok)
+                dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=DOT_PREC)
+            tl.store(DK + b * sdkb + h * sdkh + offs_n[:, None] * sdkl + offs_d[None, :] * sdkd,
+                     (dk * scale).to(DK.dtype.element_ty), mask=kv_ok)
+            tl.store(DV + b * sdvb + h * sdvh + offs_n[:, None] * sdvl + offs_d[None, :] * sdvd,
+                     dv.to(DV.dtype.element_ty), mask=kv_ok)
+
+
+def supported(q: torch.Tensor, k: torch.Tensor) -> bool:
+    """Whether these kernels handle the shapes/dtype (the device is the caller's business)."""
+    return (q.dtype in (torch.float16, torch.bfloat16, torch.float32) and 1 <= k.size(2) <= MAX_LK
+            and 1 <= q.size(3) <= MAX_DH and q.numel() > 0)
+
+
+def _pow2(n: int) -> int:
+    return max(16, triton.next_power_of_2(n))   # tl.dot tiles must be >= 16 on a GPU
+
+
+def _config(q, k, backward: bool, pairs: int | None, block_m: int | None):
+    batch, heads, lq, dh = q.shape
+    block_n, block_d = _pow2(k.size(2)), _pow2(dh)
+    if block_m is None:
+        # Keep the S/P tile (BLOCK_M x BLOCK_N fp32) and, in the backward, the dK/dV accumulators in
+        # registers: smaller query blocks when the key tile is large. Untuned heuristics (no GPU here).
+        big = block_n * block_d >= 128 * 128
+        block_m = min(_pow2(lq), 32 if (backward and big) else 64)
+    bh = batch * heads
+    if pairs is None:
+        # Enough programs to fill the GPU several times over; more pairs per program only when there
+        # are plenty, to amortise per-program setup when each pair is small.
+        sms = torch.cuda.get_device_properties(q.device).multi_processor_count if q.is_cuda else 1
+        pairs = max(1, min(8 if block_n <= 64 else 2, bh // (8 * sms)))
+    num_warps = 8 if (block_n * block_d >= 128 * 128 or (backward and block_n * block_d >= 64 * 128)) else 4
+    meta = dict(PAIRS=pairs, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d,
+                UPCAST=not q.is_cuda, DOT_PREC="ieee" if q.dtype == torch.float32 else "tf32")
+    launch = dict(num_warps=num_warps, num_stages=2) if q.is_cuda else {}
+    return (triton.cdiv(bh, pairs),), meta, launch
+
+
+def _mask_arg(key_padding_mask, q):
+    if key_padding_mask is None:
+        return q, False   # never read (HAS_MASK=False)
+    return key_padding_mask.to(torch.uint8).contiguous(), True
+
+
+def attention_forward(q, k, v, key_padding_mask, scale: float, out: torch.Tensor,
+                      *, pairs: int | None = None, block_m: int | None = None) -> torch.Tensor:
+    """Writes softmax(q kᵀ scale) v into `out` (any strides, shape of q) and returns lse (B, H, Lq) fp32."""
+    batch, heads, lq, dh = q.shape
+    lse = torch.empty((batch, heads, lq), device=q.device, dtype=torch.float32)
+    mask, has_mask = _mask_arg(key_padding_mask, q)
+    grid, meta, launch = _config(q, k, False, pairs, block_m)
+    _attn_fwd_kernel[grid](
+        q, k, v, mask, out, lse, *q.stride(), *k.stride(), *v.stride(), *out.stride(),
+        heads, batch * heads, lq, k.size(2), dh, scale * _LOG2E, HAS_MASK=has_mask, **meta, **launch)
+    return lse
+
+
+def attention_backward(grad_out, q, k, v, key_padding_mask, out, lse, scale: float, dq, dk, dv,
+                       *, pairs: int | None = None, block_m: int | None = None) -> None:
+    """Writes dq, dk, dv (preallocated, any strides) from the forward's out and lse."""
+    if 0 in grad_out.stride():
+        grad_out = grad_out.contiguous()   # expanded (stride-0) gradients, e.g. from out.sum()
+    batch, heads, lq, dh = q.shape
+    mask, has_mask = _mask_arg(key_padding_mask, q)
+    grid, meta, launch = _config(q, k, True, pairs, block_m)
+    _attn_bwd_kernel[grid](
+        q, k, v, mask, out, grad_out, lse.contiguous(), dq, dk, dv,
+        *q.stride(), *k.stride(), *v.stride(), *out.stride(), *grad_out.stride(),
+        *dq.stride(), *dk.stride(), *dv.stride(),
+        heads, batch * heads, lq, k.size(2), dh, scale, scale * _LOG2E, HAS_MASK=has_mask, **meta, **launch)
+
+
+def attention_triton(q, k, v, key_padding_mask=None, scale=None, **config):
+    """Convenience for tests and benchmarks: forward only, contiguous output."""
+    scale = q.size(-1) ** -0.5 if scale is None else scale
+    out = torch.empty_like(q, memory_format=torch.contiguous_format)
+    lse = attention_forward(q, k, v, key_padding_mask, scale, out, **config)
+    return out, lse
