@@ -1,3 +1,6 @@
 """Modules built on the fused ops."""
 
-__all__: list[str] = []
+from .attention import MultiheadSelfAttention
+from .meta_sim import MetaSim
+
+__all__: list[str] = ["MetaSim", "MultiheadSelfAttention"]
