@@ -1,0 +1,235 @@
+"""The embedded default data set (SPEC §4): a deterministic generator writing the SCAN layout.
+
+World (fixed by `seed`): `n_object_types` objects (nouns), `n_attributes` attributes (adjectives),
+`n_groups` spatial groups ("on the left" / "in the middle" / "on the right"), a few background types
+that captions never mention; each gets a random latent vector in R^feat_dim.
+
+Image: `n_groups` groups of `objects_per_group` objects (distinct types, one attribute each).
+Each object yields 3-5 region vectors `relu(obj + 0.5 attr + 0.3 group + noise)`; background regions
+fill the rest of the `n_regions` slots; region order is shuffled. The grid variant renders the same
+scene on an s x s patch grid (group = column band, object = 2x2 box inside it).
+
+Captions (5 per image) each describe **only part** of the image: two of its six objects, with their
+attribute 60% of the time and the group's location when both come from one group. So an image holds
+more than any one caption (the asymmetry AVSE is about).
+
+Hard distractors: images come in families of `family_size` near-duplicates; each member after the
+first changes `changes_per_member` objects of the family's base scene (a new type or a new attribute).
+A caption that mentions only shared objects fits every member, which caps recall well below 100%.
+
+Chance level on a 1000-image test split (5 captions each): t2i R@1/5/10 = 0.1/0.5/1.0 %,
+i2t R@1/5/10 ~= 0.5/2.5/4.9 % (any of 5 captions among 5000), rsum ~= 9.5.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+import numpy as np
+
+GENERATOR_VERSION = 1
+
+NOUNS = """man woman child boy girl dog cat horse cow sheep bird duck car bus bike motorcycle boat train truck
+plane tree flower house door window table chair bed sofa lamp book cup bottle plate bowl ball kite hat
+shirt jacket dress shoe bag umbrella phone laptop clock sign fence bench street road bridge river lake
+beach wave rock mountain hill field sky cloud tent camera guitar drum piano microphone statue fountain
+tower church wall stairs ladder box basket banana apple orange pizza cake sandwich carrot broccoli
+donut knife fork spoon oven sink toilet mirror vase pillow blanket towel computer keyboard mouse
+television remote skateboard surfboard ski frisbee racket glove helmet bat backpack suitcase tie
+scarf sunglasses wheel flag balloon candle bucket hose tractor""".split()
+ATTRIBUTES = "red blue green yellow black white brown small large old young wooden striped shiny".split()
+LOCATIONS = ["on the left", "in the middle", "on the right", "at the top", "at the bottom"]
+TEMPLATES_ONE_GROUP = ["{a} and {b} {loc}", "{a} next to {b} {loc}", "there is {a} with {b} {loc}",
+                       "{a} near {b} {loc}", "{loc} , {a} beside {b}"]
+TEMPLATES_TWO_GROUPS = ["{a} and {b}", "{a} and {b} in the picture", "a picture of {a} and {b}",
+                        "{a} {loc_a} and {b} {loc_b}"]
+
+
+@dataclass(frozen=True)
+class SyntheticConfig:
+    seed: int = 0
+    n_train: int = 3000
+    n_dev: int = 1000
+    n_test: int = 1000
+    captions_per_image: int = 5
+    n_regions: int = 36
+    feat_dim: int = 128
+    grid_size: int = 6
+    n_object_types: int = 120
+    n_attributes: int = 12
+    n_background: int = 20
+    n_groups: int = 3
+    objects_per_group: int = 2
+    family_size: int = 3
+    changes_per_member: int = 2
+    attribute_prob: float = 0.6
+    noise: float = 1.0
+
+    @classmethod
+    def from_dict(cls, d: dict | None) -> "SyntheticConfig":
+        d = dict(d or {})
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"unknown synthetic data option(s) {unknown}; known: {sorted(known)}")
+        cfg = cls(**d)
+        if cfg.n_groups > len(LOCATIONS):
+            raise ValueError(f"n_groups must be <= {len(LOCATIONS)}, got {cfg.n_groups}")
+        if cfg.n_groups * cfg.objects_per_group < 2 or cfg.objects_per_group < 1:
+            raise ValueError("an image needs at least two objects (n_groups * objects_per_group >= 2)")
+        if cfg.n_attributes > len(ATTRIBUTES) or cfg.n_attributes < 2:
+            raise ValueError(f"n_attributes must be in 2..{len(ATTRIBUTES)}, got {cfg.n_attributes}")
+        if cfg.n_object_types < cfg.n_groups * cfg.objects_per_group + cfg.changes_per_member:
+            raise ValueError("n_object_types is too small for the number of objects per image")
+        return cfg
+
+    def digest(self) -> str:
+        blob = json.dumps({"version": GENERATOR_VERSION, **asdict(self)}, sort_keys=True)
+        return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+
+def default_cache_dir() -> Path:
+    """$VSE_DATA_CACHE, else $XDG_CACHE_HOME/vse_kernels, else ~/.cache/vse_kernels."""
+    if os.environ.get("VSE_DATA_CACHE"):
+        return Path(os.environ["VSE_DATA_CACHE"])
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "vse_kernels"
+
+
+class _World:
+    def __init__(self, cfg: SyntheticConfig):
+        rng = np.random.default_rng([cfg.seed, 0])
+        f = cfg.feat_dim
+        self.nouns = (NOUNS + [f"thing{i}" for i in range(cfg.n_object_types)])[: cfg.n_object_types]
+        self.attributes = ATTRIBUTES[: cfg.n_attributes]
+        self.obj = rng.standard_normal((cfg.n_object_types, f)).astype(np.float32)
+        self.attr = rng.standard_normal((cfg.n_attributes, f)).astype(np.float32)
+        self.group = rng.standard_normal((cfg.n_groups, f)).astype(np.float32)
+        self.background = rng.standard_normal((cfg.n_background, f)).astype(np.float32)
+
+
+def _scene(rng, cfg: SyntheticConfig) -> list[list[int]]:
+    """Objects as [type, attribute, group] rows, distinct types."""
+    n = cfg.n_groups * cfg.objects_per_group
+    types = rng.choice(cfg.n_object_types, size=n, replace=False)
+    attrs = rng.integers(cfg.n_attributes, size=n)
+    return [[int(t), int(a), k // cfg.objects_per_group] for k, (t, a) in enumerate(zip(types, attrs))]
+
+
+def _variant(rng, cfg: SyntheticConfig, base: list[list[int]]) -> list[list[int]]:
+    scene = [list(o) for o in base]
+    for slot in rng.choice(len(scene), size=min(cfg.changes_per_member, len(scene)), replace=False):
+        if rng.random() < 0.5:  # new attribute
+            scene[slot][1] = int((scene[slot][1] + rng.integers(1, cfg.n_attributes)) % cfg.n_attributes)
+        else:  # new object type, not already in the scene
+            present = {o[0] for o in scene}
+            scene[slot][0] = int(rng.choice([t for t in range(cfg.n_object_types) if t not in present]))
+    return scene
+
+
+def _regions(rng, cfg, world: _World, scene) -> np.ndarray:
+    vecs = []
+    for t, a, g in scene:
+        base = world.obj[t] + 0.5 * world.attr[a] + 0.3 * world.group[g]
+        vecs += [base] * int(rng.integers(3, 6))
+    vecs = vecs[: cfg.n_regions]
+    bg = world.background[rng.integers(cfg.n_background, size=cfg.n_regions - len(vecs))]
+    feats = np.concatenate([np.stack(vecs), bg]) if len(bg) else np.stack(vecs)
+    feats = feats + cfg.noise * rng.standard_normal(feats.shape).astype(np.float32)
+    return np.maximum(feats[rng.permutation(cfg.n_regions)], 0)
+
+
+def _grid(rng, cfg, world: _World, scene) -> np.ndarray:
+    s = cfg.grid_size
+    grid = world.background[rng.integers(cfg.n_background, size=(s, s))].copy()
+    for t, a, g in scene:
+        lo, hi = int(g * s / cfg.n_groups), max(int((g + 1) * s / cfg.n_groups), int(g * s / cfg.n_groups) + 1)
+        c0 = int(rng.integers(lo, max(lo + 1, hi - 1)))
+        r0 = int(rng.integers(0, max(1, s - 1)))
+        grid[r0:r0 + 2, c0:c0 + 2] += world.obj[t] + 0.5 * world.attr[a] + 0.3 * world.group[g]
+    grid += cfg.noise * rng.standard_normal(grid.shape).astype(np.float32)
+    return np.maximum(grid, 0)
+
+
+def _phrase(rng, cfg, world: _World, obj) -> str:
+    t, a, _ = obj
+    noun = world.nouns[t]
+    if rng.random() < cfg.attribute_prob:
+        adj = world.attributes[a]
+        return f"{'an' if adj[0] in 'aeiou' else 'a'} {adj} {noun}"
+    return f"{'an' if noun[0] in 'aeiou' else 'a'} {noun}"
+
+
+def _caption(rng, cfg, world: _World, scene) -> str:
+    i, j = rng.choice(len(scene), size=2, replace=False)
+    a, b = _phrase(rng, cfg, world, scene[i]), _phrase(rng, cfg, world, scene[j])
+    if scene[i][2] == scene[j][2]:
+        text = TEMPLATES_ONE_GROUP[rng.integers(len(TEMPLATES_ONE_GROUP))].format(
+            a=a, b=b, loc=LOCATIONS[scene[i][2]])
+    else:
+        text = TEMPLATES_TWO_GROUPS[rng.integers(len(TEMPLATES_TWO_GROUPS))].format(
+            a=a, b=b, loc_a=LOCATIONS[scene[i][2]], loc_b=LOCATIONS[scene[j][2]])
+    return text + " ."
+
+
+def _write_split(root: Path, split: str, n: int, code: int, cfg: SyntheticConfig, world: _World) -> None:
+    rng = np.random.default_rng([cfg.seed, code])
+    ims = np.lib.format.open_memmap(root / f"{split}_ims.npy", mode="w+", dtype=np.float32,
+                                    shape=(n, cfg.n_regions, cfg.feat_dim))
+    grids = np.lib.format.open_memmap(root / f"{split}_grids.npy", mode="w+", dtype=np.float32,
+                                      shape=(n, cfg.grid_size, cfg.grid_size, cfg.feat_dim))
+    captions, base = [], None
+    for k in range(n):
+        if k % cfg.family_size == 0:
+            base = _scene(rng, cfg)
+            scene = base
+        else:
+            scene = _variant(rng, cfg, base)
+        ims[k] = _regions(rng, cfg, world, scene)
+        grids[k] = _grid(rng, cfg, world, scene)
+        captions += [_caption(rng, cfg, world, scene) for _ in range(cfg.captions_per_image)]
+    ims.flush()
+    grids.flush()
+    del ims, grids
+    (root / f"{split}_caps.txt").write_text("\n".join(captions) + "\n", encoding="utf-8")
+    (root / f"{split}_ids.txt").write_text("\n".join(f"{split}-{k:06d}" for k in range(n)) + "\n")
+
+
+def generate(cfg: SyntheticConfig, root: str | Path) -> Path:
+    """Writes train/dev/test splits of `cfg` into `root` (regions, grids, captions, ids, params.json)."""
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    world = _World(cfg)
+    for code, (split, n) in enumerate((("train", cfg.n_train), ("dev", cfg.n_dev), ("test", cfg.n_test)), 1):
+        if n < 1:
+            raise ValueError(f"synthetic split {split!r} needs at least one image, got {n}")
+        _write_split(root, split, n, code, cfg, world)
+    (root / "params.json").write_text(json.dumps({"generator_version": GENERATOR_VERSION, **asdict(cfg)}, indent=1))
+    return root
+
+
+def ensure_synthetic(cfg: SyntheticConfig | dict | None = None, cache_dir: str | Path | None = None,
+                     verbose: bool = False) -> Path:
+    """The folder of the synthetic set `cfg` under the cache, generated on first use (atomically:
+    written to a temporary folder, then renamed, so an interrupted generation is never reused)."""
+    cfg = cfg if isinstance(cfg, SyntheticConfig) else SyntheticConfig.from_dict(cfg)
+    cache = Path(cache_dir) if cache_dir else default_cache_dir()
+    root = cache / f"synthetic-{cfg.digest()}"
+    if (root / "params.json").is_file():
+        return root
+    tmp = cache / f".{root.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    if verbose:
+        print(f"generating the synthetic data set into {root} ...", flush=True)
+    generate(cfg, tmp)
+    try:
+        os.replace(tmp, root)
+    except OSError:  # another process finished first
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not (root / "params.json").is_file():
+            raise
+    return root

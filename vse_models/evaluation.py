@@ -1,0 +1,162 @@
+"""Retrieval evaluation (SPEC §6).
+
+`sims` is (N_img, k·N_img) with caption c belonging to image c // k (k = captions_per_image, 5).
+- i2t rank of image i: the number of captions scoring *strictly higher* than its best caption;
+  t2i rank of caption c: the number of images scoring strictly higher than image c // k.
+  Tie rule: ties with the positive do not count against it (optimistic); stated and tested.
+- R@K = 100 · mean(rank < K); medr = floor(median(rank)) + 1; meanr = mean(rank) + 1 (1-based ranks).
+- rsum = i2t R@1+R@5+R@10 + t2i R@1+R@5+R@10.
+- COCO 1K: 5 folds of N/5 images, every metric averaged over folds (rsum = mean of the per-fold
+  rsums); COCO 5K: all images at once.
+Model evaluation streams the similarity in blocks of images on the model's device, two passes
+(positives first, then counts), so a 5000 x 25000 matrix is never built.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+
+from .data.precomp import Split, sequential_batches
+from .models import cat_embeddings, slice_embeddings
+
+METRIC_KEYS = ("i2t_r1", "i2t_r5", "i2t_r10", "i2t_medr", "i2t_meanr",
+               "t2i_r1", "t2i_r5", "t2i_r10", "t2i_medr", "t2i_meanr", "rsum")
+
+
+def _as_tensor(sims) -> torch.Tensor:
+    if isinstance(sims, np.ndarray):
+        sims = torch.from_numpy(sims)
+    if not isinstance(sims, torch.Tensor):
+        raise TypeError(f"sims must be a numpy array or a torch tensor, got {type(sims).__name__}")
+    if sims.dim() != 2:
+        raise ValueError(f"sims must be 2-D (N_img, k*N_img), got shape {tuple(sims.shape)}")
+    if not sims.dtype.is_floating_point:
+        sims = sims.double()
+    if torch.isnan(sims).any():
+        raise ValueError("sims contains NaN")
+    return sims
+
+
+def _check_shape(n_img: int, n_txt: int, k: int) -> None:
+    if k < 1 or n_img < 1 or n_txt != k * n_img:
+        raise ValueError(f"sims must have shape (N, {k}*N) for captions_per_image={k}, got ({n_img}, {n_txt})")
+
+
+def metrics_from_ranks(i2t_ranks, t2i_ranks) -> dict:
+    """Metric dict from 0-based ranks (numpy or torch)."""
+    out = {}
+    for side, ranks in (("i2t", i2t_ranks), ("t2i", t2i_ranks)):
+        r = np.asarray(ranks.cpu() if isinstance(ranks, torch.Tensor) else ranks, dtype=np.float64)
+        for k in (1, 5, 10):
+            out[f"{side}_r{k}"] = float(100.0 * np.mean(r < k))
+        out[f"{side}_medr"] = float(math.floor(np.median(r)) + 1)
+        out[f"{side}_meanr"] = float(r.mean() + 1)
+    out["rsum"] = sum(out[f"{s}_r{k}"] for s in ("i2t", "t2i") for k in (1, 5, 10))
+    return out
+
+
+def ranks(sims, captions_per_image: int = 5) -> tuple[torch.Tensor, torch.Tensor]:
+    """(i2t ranks (N,), t2i ranks (kN,)), 0-based, ties counted in favour of the positive."""
+    sims = _as_tensor(sims)
+    n, k = sims.size(0), captions_per_image
+    _check_shape(n, sims.size(1), k)
+    best_pos = sims.view(n, n, k)[torch.arange(n), torch.arange(n)].max(1)[0]   # (N,)
+    i2t = (sims > best_pos[:, None]).sum(1)
+    pos = sims[torch.arange(n * k, device=sims.device) // k, torch.arange(n * k, device=sims.device)]
+    t2i = (sims > pos[None, :]).sum(0)
+    return i2t, t2i
+
+
+def retrieval_metrics(sims, captions_per_image: int = 5) -> dict:
+    """The metric dict (METRIC_KEYS) of a (N, k·N) similarity matrix, numpy or torch."""
+    return metrics_from_ranks(*ranks(sims, captions_per_image))
+
+
+def fold_metrics(sims, captions_per_image: int = 5, folds: int = 5) -> dict:
+    """COCO 1K protocol: `folds` equal folds of images (with their captions), metrics averaged."""
+    sims = _as_tensor(sims)
+    n, k = sims.size(0), captions_per_image
+    _check_shape(n, sims.size(1), k)
+    if n % folds:
+        raise ValueError(f"{n} images cannot be split into {folds} equal folds")
+    m = n // folds
+    per_fold = [retrieval_metrics(sims[f * m:(f + 1) * m, f * m * k:(f + 1) * m * k], k) for f in range(folds)]
+    return {key: float(np.mean([p[key] for p in per_fold])) for key in METRIC_KEYS}
+
+
+@torch.no_grad()
+def encode_split(model, split: Split, batch_size: int = 256, device=None, autocast_dtype=None):
+    """(image embeddings of all N images, text embeddings of all k·N captions), on `device`."""
+    device = torch.device(device) if device is not None else next(model.parameters()).device
+    was_training = model.training
+    model.eval()  # older code evaluated in train mode (dropout, BatchNorm statistics)
+    try:
+        with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+            imgs = [model.encode_images(split.image_batch(idx).to(device))
+                    for idx in sequential_batches(split.n_images, batch_size)]
+            txts = [model.encode_texts(split.caption_batch(idx).to(device))
+                    for idx in sequential_batches(split.n_captions, batch_size)]
+    finally:
+        model.train(was_training)
+    return cat_embeddings(imgs), cat_embeddings(txts)
+
+
+def _num_items(emb) -> int:
+    return emb.size(0) if isinstance(emb, torch.Tensor) else emb[0].size(0)
+
+
+@torch.no_grad()
+def streamed_ranks(model, img_emb, txt_emb, captions_per_image: int = 5, block: int = 256):
+    """ranks() of model.similarity(img_emb, txt_emb), computed in blocks of `block` images (two passes),
+    so only (block, k·N) scores exist at a time."""
+    n, k = _num_items(img_emb), captions_per_image
+    n_txt = _num_items(txt_emb)
+    _check_shape(n, n_txt, k)
+    i2t, pos = [], []
+    for s in range(0, n, block):
+        e = min(n, s + block)
+        sims = model.similarity(slice_embeddings(img_emb, s, e), txt_emb).float()
+        rows = torch.arange(e - s, device=sims.device)
+        own = sims.view(e - s, n, k)[rows, torch.arange(s, e, device=sims.device)]  # (b, k)
+        i2t.append((sims > own.max(1)[0][:, None]).sum(1).cpu())
+        pos.append(own.reshape(-1))
+    pos = torch.cat(pos)
+    t2i = torch.zeros(n_txt, dtype=torch.long, device=pos.device)
+    for s in range(0, n, block):
+        e = min(n, s + block)
+        sims = model.similarity(slice_embeddings(img_emb, s, e), txt_emb).float()
+        t2i += (sims > pos[None, :]).sum(0)
+    return torch.cat(i2t), t2i.cpu()
+
+
+def evaluate_split(model, split: Split, *, fold5: bool = False, batch_size: int = 256, block: int = 256,
+                   device=None, autocast_dtype=None) -> dict:
+    """Metrics of `model` on `split`. fold5=False: {metric: value} over all images. fold5=True:
+    {"fold5": 1K-protocol averages over 5 folds, "all": the metrics over all images (COCO 5K)}."""
+    k = split.captions_per_image
+    img, txt = encode_split(model, split, batch_size, device, autocast_dtype)
+    full = metrics_from_ranks(*streamed_ranks(model, img, txt, k, block))
+    if not fold5:
+        return full
+    n = split.n_images
+    if n % 5:
+        raise ValueError(f"--fold5 needs a number of images divisible by 5, split {split.split!r} has {n}")
+    m = n // 5
+    per_fold = [metrics_from_ranks(*streamed_ranks(model, slice_embeddings(img, f * m, (f + 1) * m),
+                                                   slice_embeddings(txt, f * m * k, (f + 1) * m * k), k, block))
+                for f in range(5)]
+    return {"fold5": {key: float(np.mean([p[key] for p in per_fold])) for key in METRIC_KEYS}, "all": full}
+
+
+def format_table(rows: dict[str, dict]) -> str:
+    """A markdown table: one row per (name -> metric dict)."""
+    head = "| | i2t R@1 | R@5 | R@10 | medr | t2i R@1 | R@5 | R@10 | medr | rsum |"
+    lines = [head, "|---" * 10 + "|"]
+    for name, m in rows.items():
+        vals = [m["i2t_r1"], m["i2t_r5"], m["i2t_r10"], m["i2t_medr"],
+                m["t2i_r1"], m["t2i_r5"], m["t2i_r10"], m["t2i_medr"], m["rsum"]]
+        lines.append(f"| {name} | " + " | ".join(f"{v:.1f}" for v in vals) + " |")
+    return "\n".join(lines)

@@ -1,0 +1,165 @@
+"""Model registry. A model is an `nn.Module` subclass of `RetrievalModel` registered by name:
+
+    @register_model("avse")
+    class AVSE(RetrievalModel):
+        default_options = {...}      # hyperparameters; the run config's [model_options] override them
+        recipe = {...}               # trainer defaults for this model (lr, epochs, optimizer, ...)
+        feature_kind = "regions"     # or "grids"; an option "features" overrides it per run
+
+The trainer and `vse-eval` use only this contract, so a new model never touches them:
+
+- `__init__(options, info)`: `options` = default_options updated with the run's; `info` = DataInfo
+  (vocab_size, feature_dim, set_size, grid_size, captions_per_image). Everything shape-defining must
+  follow from these two, because a checkpoint is rebuilt from them before its weights are loaded.
+- `prepare(train_split)`: optional, called once before training (fresh and resumed runs alike) with the
+  training `data.Split` (captions, tokens, vocab, memory-mapped features) to derive data state such as
+  concept labels or a co-occurrence graph. Keep that state in (persistent) buffers of a shape fixed by
+  options/info: it is then saved with the weights and evaluation needs no training data.
+- `encode_images(batch)` / `encode_texts(batch)`: embeddings of a `data.Batch`; a tensor or a tuple of
+  tensors, each with the batch on dim 0 (several embeddings per side are fine).
+- `similarity(img_emb, txt_emb)`: (Ni, Nt) scores of two embedding blocks. Evaluation calls it on
+  blocks sliced along dim 0 (`slice_embeddings`) on the model's device: it must not assume full sets.
+- `loss(batch, epoch)`: (scalar loss, {name: float}) for a training batch of caption/image pairs
+  (`batch.img_ids` marks same-image rows). The default: hinge loss of similarity, all negatives in
+  epochs < `warmup_epochs`, hardest negatives afterwards.
+- `param_groups(lr)` and `make_scheduler(optimizer, config, steps_per_epoch)`: optional; the defaults are
+  one group and MultiStepLR(config lr_milestones, lr_gamma). The scheduler is stepped once per epoch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import nn
+
+from ..losses import hinge_triplet_loss
+
+_REGISTRY: dict[str, type["RetrievalModel"]] = {}
+
+
+@dataclass
+class DataInfo:
+    """What a model may know about its data (saved in the checkpoint config)."""
+
+    vocab_size: int
+    feature_dim: int
+    set_size: int
+    grid_size: int | None = None
+    captions_per_image: int = 5
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def register_model(name: str):
+    def decorate(cls):
+        if name in _REGISTRY and _REGISTRY[name] is not cls:
+            raise ValueError(f"model name {name!r} is already registered to {_REGISTRY[name].__name__}")
+        cls.name = name
+        _REGISTRY[name] = cls
+        return cls
+
+    return decorate
+
+
+def available_models() -> list[str]:
+    _load_builtin()
+    return sorted(_REGISTRY)
+
+
+def get_model_class(name: str) -> type["RetrievalModel"]:
+    _load_builtin()
+    if name not in _REGISTRY:
+        raise ValueError(f"unknown model {name!r}; available: {sorted(_REGISTRY)}")
+    return _REGISTRY[name]
+
+
+def build_model(name: str, options: dict | None, info: DataInfo) -> "RetrievalModel":
+    cls = get_model_class(name)
+    return cls(cls.resolve_options(options), info)
+
+
+def _load_builtin() -> None:
+    # Built-in models register themselves on import; a model module that is missing is skipped, so this
+    # file never has to change when one is added (list it here once).
+    import importlib
+
+    for module in ("vse", "avse", "mhcvse"):
+        try:
+            importlib.import_module(f"{__name__}.{module}")
+        except ModuleNotFoundError as e:
+            if e.name != f"{__name__}.{module}":
+                raise
+
+
+def slice_embeddings(emb, start: int, stop: int):
+    """emb[start:stop] for a tensor or a tuple/list of tensors (batch on dim 0)."""
+    if isinstance(emb, torch.Tensor):
+        return emb[start:stop]
+    return type(emb)(e[start:stop] for e in emb)
+
+
+def cat_embeddings(chunks: list):
+    """Concatenates per-batch embeddings (tensors or tuples of tensors) along dim 0."""
+    if isinstance(chunks[0], torch.Tensor):
+        return torch.cat(chunks)
+    return type(chunks[0])(torch.cat(parts) for parts in zip(*chunks))
+
+
+class RetrievalModel(nn.Module):
+    """Base class: see the module docstring for the contract."""
+
+    name = "base"
+    default_options: dict = {}
+    recipe: dict = {}
+    feature_kind = "regions"
+
+    def __init__(self, options: dict, info: DataInfo):
+        super().__init__()
+        self.options = dict(options)
+        self.info = info
+
+    @classmethod
+    def resolve_options(cls, options: dict | None) -> dict:
+        options = dict(options or {})
+        unknown = sorted(set(options) - set(cls.default_options))
+        if unknown:
+            raise ValueError(f"unknown option(s) {unknown} for model {cls.name!r}; "
+                             f"known: {sorted(cls.default_options)}")
+        return {**cls.default_options, **options}
+
+    @classmethod
+    def features_for(cls, options: dict | None) -> str:
+        return (options or {}).get("features", cls.default_options.get("features", cls.feature_kind))
+
+    def prepare(self, train_split) -> None:
+        pass
+
+    def encode_images(self, batch):
+        raise NotImplementedError
+
+    def encode_texts(self, batch):
+        raise NotImplementedError
+
+    def similarity(self, img_emb, txt_emb) -> torch.Tensor:
+        raise NotImplementedError
+
+    def loss(self, batch, epoch: int) -> tuple[torch.Tensor, dict]:
+        scores = self.similarity(self.encode_images(batch), self.encode_texts(batch))
+        max_violation = epoch >= self.options.get("warmup_epochs", 0)
+        loss = hinge_triplet_loss(scores.float(), margin=self.options.get("margin", 0.2),
+                                  max_violation=max_violation, img_ids=batch.img_ids,
+                                  backend=self.options.get("backend", "kernels"))
+        return loss, {"loss": loss.item()}
+
+    def param_groups(self, lr: float) -> list[dict]:
+        return [{"params": [p for p in self.parameters() if p.requires_grad], "lr": lr}]
+
+    def make_scheduler(self, optimizer, config: dict, steps_per_epoch: int):
+        return torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=list(config.get("lr_milestones", [])),
+                                                    gamma=config.get("lr_gamma", 0.1))
+
+
+__all__ = ["DataInfo", "RetrievalModel", "available_models", "build_model", "cat_embeddings",
+           "get_model_class", "register_model", "slice_embeddings"]

@@ -1,0 +1,433 @@
+"""`vse-train` / `python -m vse_models.train`: train a model, validate on dev each epoch, keep the best
+checkpoint, evaluate it on test (SPEC §5).
+
+With no arguments: the baseline `vse` on the embedded synthetic data set, on CPU in a few minutes.
+
+Config precedence (later wins): trainer defaults < the model's recipe < the packaged preset
+`configs/<model>-synthetic.toml` (only with --data synthetic) < --config FILE (TOML or JSON) <
+command-line options. `--resume` continues the run in --out from its last checkpoint (end of the last
+finished epoch), with its stored config; options given on the command line still override it.
+
+Run folder: config.json, vocab.json, best/ and last/ checkpoints (see checkpoint.py), metrics.jsonl,
+metrics.csv, loss.png, rsum.png, tensorboard/ (when installed), metrics.json (test of the best).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import csv
+import json
+import os
+import signal
+import sys
+import time
+from importlib import resources
+from pathlib import Path
+
+import torch
+
+from .checkpoint import load_train_state, load_weights, resolve, save_checkpoint
+from .data import Split, SyntheticConfig, Vocabulary, ensure_synthetic, shuffled_batches
+from .evaluation import METRIC_KEYS, evaluate_split, format_table
+from .models import DataInfo, available_models, build_model, get_model_class
+
+DEFAULTS = {
+    "model": "vse",
+    "data": "synthetic",
+    "features": None,          # None: the model's choice ("regions" or "grids")
+    "out": None,               # None: runs/<model>-<data name>
+    "seed": 0,
+    "device": "auto",          # auto: cuda when available, else cpu
+    "precision": "fp32",       # fp32 | bf16 | fp16 (fp16: CUDA only, with a grad scaler)
+    "epochs": 25,
+    "batch_size": 128,
+    "lr": 2e-4,
+    "optimizer": "adam",       # adam | adamw
+    "weight_decay": 0.0,
+    "grad_clip": 2.0,          # on unscaled gradients (AVSE's release clipped AMP-scaled ones)
+    "lr_milestones": [],
+    "lr_gamma": 0.1,
+    "eval_batch_size": 256,
+    "vocab_min_count": 4,
+    "vocab": None,             # a SCAN vocab JSON to use instead of building one from train captions
+    "test_split": "test",
+    "progress": True,
+    "model_options": {},
+    "synthetic": {},           # SyntheticConfig fields
+}
+
+KILL_ENV = "VSE_TRAIN_KILL_AFTER_STEPS"  # testing hook: SIGKILL this process after N optimizer steps
+
+
+# ----------------------------------------------------------------------------------------- config
+def _read_config_file(path: str) -> dict:
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"config file not found: {p}")
+    try:
+        if p.suffix == ".json":
+            cfg = json.loads(p.read_text())
+        else:
+            import tomllib
+
+            cfg = tomllib.loads(p.read_text())
+    except Exception as e:
+        raise ValueError(f"{p}: cannot parse config ({e})") from None
+    unknown = sorted(set(cfg) - set(DEFAULTS))
+    if unknown:
+        raise ValueError(f"{p}: unknown key(s) {unknown}; known: {sorted(DEFAULTS)}")
+    return cfg
+
+
+def _preset(model: str) -> dict:
+    try:
+        text = resources.files("vse_models").joinpath("configs", f"{model}-synthetic.toml").read_text()
+    except (FileNotFoundError, OSError):
+        return {}
+    import tomllib
+
+    return tomllib.loads(text)
+
+
+def _merge(base: dict, update: dict) -> dict:
+    out = copy.deepcopy(base)
+    for k, v in update.items():
+        if k in ("model_options", "synthetic") and isinstance(v, dict):
+            out[k] = {**out.get(k, {}), **v}
+        else:
+            out[k] = v
+    return out
+
+
+def _parse_kv(items: list[str] | None, what: str) -> dict:
+    out = {}
+    for item in items or []:
+        if "=" not in item:
+            raise ValueError(f"{what} expects KEY=VALUE, got {item!r}")
+        k, v = item.split("=", 1)
+        try:
+            out[k] = json.loads(v)
+        except json.JSONDecodeError:
+            out[k] = v
+    return out
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="vse-train", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    a = p.add_argument
+    a("--model", help=f"model name, one of {available_models()} (default vse)")
+    a("--data", help="'synthetic' (default: the embedded data set) or a folder in the SCAN precomp layout")
+    a("--features", choices=["regions", "grids"], help="feature files to read (default: the model's)")
+    a("--epochs", type=int)
+    a("--batch-size", type=int)
+    a("--lr", type=float)
+    a("--optimizer", choices=["adam", "adamw"])
+    a("--weight-decay", type=float)
+    a("--grad-clip", type=float, help="max gradient norm, 0 = off")
+    a("--lr-milestones", type=lambda s: [int(x) for x in s.split(",") if x], help="e.g. 15,20")
+    a("--seed", type=int)
+    a("--device", help="auto (default), cpu, cuda, cuda:1, ...")
+    a("--precision", choices=["fp32", "bf16", "fp16"])
+    a("--out", help="run folder (default runs/<model>-<data>)")
+    a("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    a("--config", help="TOML or JSON file with any of these options (command line wins)")
+    a("--option", action="append", metavar="KEY=VALUE", help="model option (repeatable), e.g. embed_size=512")
+    a("--synthetic", action="append", metavar="KEY=VALUE", help="synthetic data option, e.g. n_train=500")
+    a("--vocab", help="SCAN vocab JSON to use (default: built from the training captions)")
+    a("--eval-batch-size", type=int)
+    a("--test-split", help="split evaluated at the end (default test; COCO: testall)")
+    a("--no-progress", dest="progress", action="store_const", const=False, help="no progress bars")
+    return p
+
+
+def _cli_overrides(args) -> dict:
+    skip = {"resume", "config", "option", "synthetic"}
+    out = {k: v for k, v in vars(args).items() if v is not None and k not in skip}
+    if args.option:
+        out["model_options"] = _parse_kv(args.option, "--option")
+    if args.synthetic:
+        out["synthetic"] = _parse_kv(args.synthetic, "--synthetic")
+    return out
+
+
+def resolve_config(args) -> dict:
+    cli = _cli_overrides(args)
+    file_cfg = _read_config_file(args.config) if args.config else {}
+    model = cli.get("model", file_cfg.get("model", DEFAULTS["model"]))
+    data = cli.get("data", file_cfg.get("data", DEFAULTS["data"]))
+    cls = get_model_class(model)
+    cfg = _merge(DEFAULTS, {"model": model, **cls.recipe})
+    if data == "synthetic":
+        cfg = _merge(cfg, _preset(model))
+    cfg = _merge(_merge(cfg, file_cfg), cli)
+    if cfg["out"] is None:
+        cfg["out"] = str(Path("runs") / f"{cfg['model']}-{Path(cfg['data']).name}")
+    cls.resolve_options(cfg["model_options"])  # fail early on unknown model options
+    if cfg["features"] is None:
+        cfg["features"] = cls.features_for(cfg["model_options"])
+    return cfg
+
+
+# ------------------------------------------------------------------------------------------ data
+def data_root(cfg: dict, verbose: bool = True) -> Path:
+    if cfg["data"] == "synthetic":
+        return ensure_synthetic(SyntheticConfig.from_dict(cfg["synthetic"]), verbose=verbose)
+    root = Path(cfg["data"]).expanduser()
+    if not root.is_dir():
+        raise FileNotFoundError(f"--data: folder not found: {root} (expected the SCAN precomp layout, "
+                                f"e.g. data/f30k_precomp with train_ims.npy, train_caps.txt, ...)")
+    return root
+
+
+def load_split(root: Path, split: str, vocab: Vocabulary | None, features: str, info: DataInfo | None = None) -> Split:
+    s = Split(root, split, vocab, features)
+    if info is not None and (s.feature_dim != info.feature_dim):
+        raise ValueError(f"{s.feature_path}: feature size {s.feature_dim} does not match the model's "
+                         f"{info.feature_dim} (from the training data or checkpoint)")
+    return s
+
+
+# --------------------------------------------------------------------------------------- helpers
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def autocast_dtype(precision: str, device: torch.device):
+    if precision == "fp32":
+        return None
+    if precision == "fp16" and device.type != "cuda":
+        raise ValueError("--precision fp16 needs a CUDA device (use bf16 on CPU)")
+    return {"bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+
+
+def make_optimizer(model, cfg):
+    groups = model.param_groups(cfg["lr"])
+    if cfg["optimizer"] == "adamw":
+        return torch.optim.AdamW(groups, lr=cfg["lr"], weight_decay=cfg["weight_decay"])
+    if cfg["optimizer"] == "adam":
+        return torch.optim.Adam(groups, lr=cfg["lr"], weight_decay=cfg["weight_decay"])
+    raise ValueError(f"optimizer must be 'adam' or 'adamw', got {cfg['optimizer']!r}")
+
+
+def _progress(iterable, enabled: bool, **kw):
+    if not enabled:
+        return iterable
+    from tqdm.auto import tqdm
+
+    return tqdm(iterable, dynamic_ncols=True, leave=False, **kw)
+
+
+class Logger:
+    """metrics.jsonl + metrics.csv rewritten from the history (consistent after a resume), TensorBoard
+    when installed, PNG plots when matplotlib is installed."""
+
+    def __init__(self, out: Path):
+        self.out = out
+        self.tb = None
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb = SummaryWriter(str(out / "tensorboard"))
+        except Exception:  # tensorboard not installed
+            print("note: TensorBoard is not installed; logging to metrics.jsonl / metrics.csv only")
+        self.warned_plot = False
+
+    def write(self, history: list[dict]) -> None:
+        rows = [{k: v for k, v in h.items() if k != "dev"} | {f"dev_{k}": v for k, v in h["dev"].items()}
+                for h in history]
+        tmp = self.out / "metrics.jsonl.tmp"
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        os.replace(tmp, self.out / "metrics.jsonl")
+        with open(self.out / "metrics.csv.tmp", "w", newline="") as fh:
+            w = csv.DictWriter(fh, fieldnames=list(rows[0]))
+            w.writeheader()
+            w.writerows(rows)
+        os.replace(self.out / "metrics.csv.tmp", self.out / "metrics.csv")
+        if self.tb is not None:
+            last = rows[-1]
+            for k, v in last.items():
+                if k != "epoch" and isinstance(v, (int, float)):
+                    self.tb.add_scalar(k, v, last["epoch"])
+            self.tb.flush()
+        self.plot(history)
+
+    def plot(self, history: list[dict]) -> None:
+        try:
+            import matplotlib
+
+            matplotlib.use("Agg")
+            import matplotlib.pyplot as plt
+        except ImportError:
+            if not self.warned_plot:
+                print("note: matplotlib is not installed; no PNG plots (pip install matplotlib)")
+                self.warned_plot = True
+            return
+        epochs = [h["epoch"] for h in history]
+        for name, ys, label in (("loss", [h["train_loss"] for h in history], "mean training loss"),
+                                ("rsum", [h["dev"]["rsum"] for h in history], "dev rsum")):
+            fig, ax = plt.subplots(figsize=(5, 3.5))
+            ax.plot(epochs, ys, marker="o")
+            ax.set_xlabel("epoch")
+            ax.set_ylabel(label)
+            ax.grid(alpha=0.3)
+            fig.tight_layout()
+            fig.savefig(self.out / f"{name}.png.tmp.png", dpi=100)
+            plt.close(fig)
+            os.replace(self.out / f"{name}.png.tmp.png", self.out / f"{name}.png")
+
+
+# ------------------------------------------------------------------------------------------ train
+def train(cfg: dict, resume: bool = False) -> dict:
+    t_start = time.time()
+    out = Path(cfg["out"])
+    last_dir = resolve(out / "last")
+    if last_dir is not None and not resume:
+        raise FileExistsError(f"{out} already holds a run; pass --resume to continue it, or another --out")
+    state = None
+    if resume and last_dir is not None:
+        stored = json.loads((last_dir / "config.json").read_text())["run"]
+        cfg = _merge(stored, {k: v for k, v in cfg.items() if k in cfg.get("_explicit", ())})
+        state = load_train_state(last_dir)
+    elif resume:
+        print(f"note: no checkpoint in {out} yet; starting a new run")
+    cfg = {k: v for k, v in cfg.items() if k != "_explicit"}
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.json").write_text(json.dumps(cfg, indent=1))
+
+    device = pick_device(cfg["device"])
+    amp = autocast_dtype(cfg["precision"], device)
+    torch.manual_seed(cfg["seed"])
+    root = data_root(cfg)
+    train_split = load_split(root, "train", None, cfg["features"])
+    if state is not None:
+        vocab = Vocabulary.load(last_dir / "vocab.json")
+    elif cfg["vocab"]:
+        vocab = Vocabulary.load(cfg["vocab"])
+    else:
+        vocab = Vocabulary.build(train_split.captions, cfg["vocab_min_count"])
+    vocab.save(out / "vocab.json")
+    train_split.set_vocab(vocab)
+    info = DataInfo(vocab_size=len(vocab), feature_dim=train_split.feature_dim, set_size=train_split.set_size,
+                    grid_size=train_split.grid_size, captions_per_image=train_split.captions_per_image)
+    dev_split = load_split(root, "dev", vocab, cfg["features"], info)
+
+    model = build_model(cfg["model"], cfg["model_options"], info)
+    model.prepare(train_split)
+    model.to(device)
+    optimizer = make_optimizer(model, cfg)
+    steps_per_epoch = train_split.n_captions // cfg["batch_size"]
+    if steps_per_epoch == 0:
+        raise ValueError(f"batch size {cfg['batch_size']} exceeds the {train_split.n_captions} training captions")
+    scheduler = model.make_scheduler(optimizer, cfg, steps_per_epoch)
+    scaler = torch.amp.GradScaler(device.type, enabled=cfg["precision"] == "fp16")
+
+    start_epoch, step, best_rsum, history, best_epoch = 0, 0, -1.0, [], -1
+    if state is not None:
+        load_weights(model, last_dir)
+        optimizer.load_state_dict(state["optimizer"])
+        if scheduler is not None and state.get("scheduler") is not None:
+            scheduler.load_state_dict(state["scheduler"])
+        scaler.load_state_dict(state["scaler"])
+        torch.set_rng_state(state["rng_cpu"])
+        if device.type == "cuda" and state.get("rng_cuda") is not None:
+            torch.cuda.set_rng_state(state["rng_cuda"], device)
+        meta = json.loads((last_dir / "meta.json").read_text())
+        start_epoch, step, best_rsum = meta["epoch"] + 1, meta["step"], meta["best_rsum"]
+        history, best_epoch = meta["history"], meta["best_epoch"]
+        print(f"resuming {out} after epoch {meta['epoch']} (step {step})")
+
+    n_params = sum(p.numel() for p in model.parameters())
+    print(f"model {cfg['model']} ({n_params / 1e6:.2f} M parameters) on {device}, data {root} "
+          f"({cfg['features']}: {train_split.n_images} train images, {train_split.n_captions} captions, "
+          f"vocab {len(vocab)}), {cfg['epochs']} epochs of {steps_per_epoch} steps", flush=True)
+    kill_after = int(os.environ.get(KILL_ENV, "0") or 0)
+    logger = Logger(out)
+    for epoch in range(start_epoch, cfg["epochs"]):
+        t0 = time.time()
+        model.train()
+        gen = torch.Generator().manual_seed(cfg["seed"] * 1_000_003 + epoch)  # same order on resume
+        batches = _progress(list(shuffled_batches(train_split.n_captions, cfg["batch_size"], gen)),
+                            cfg["progress"], desc=f"epoch {epoch + 1}/{cfg['epochs']}")
+        loss_sum, n_batches = 0.0, 0
+        for idx in batches:
+            batch = train_split.pair_batch(idx).to(device)
+            with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
+                loss, logs = model.loss(batch, epoch)
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            if cfg["grad_clip"] and cfg["grad_clip"] > 0:
+                scaler.unscale_(optimizer)
+                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg["grad_clip"])
+            scaler.step(optimizer)
+            scaler.update()
+            step += 1
+            loss_sum += float(loss.detach())
+            n_batches += 1
+            if cfg["progress"]:
+                batches.set_postfix(loss=f"{float(loss.detach()):.3f}")
+            if kill_after and step >= kill_after:
+                os.kill(os.getpid(), signal.SIGKILL)
+        lr = optimizer.param_groups[0]["lr"]
+        if scheduler is not None:
+            scheduler.step()
+        dev = evaluate_split(model, dev_split, batch_size=cfg["eval_batch_size"], autocast_dtype=amp)
+        record = {"epoch": epoch, "step": step, "train_loss": loss_sum / max(1, n_batches), "lr": lr,
+                  "epoch_time_s": round(time.time() - t0, 2), "dev": dev}
+        history.append(record)
+        improved = dev["rsum"] > best_rsum
+        print(f"epoch {epoch + 1}/{cfg['epochs']}: loss {record['train_loss']:.4f}, dev rsum {dev['rsum']:.1f} "
+              f"(i2t R@1 {dev['i2t_r1']:.1f}, t2i R@1 {dev['t2i_r1']:.1f}){' *best*' if improved else ''} "
+              f"[{record['epoch_time_s']:.0f} s]", flush=True)
+        if improved:
+            best_rsum, best_epoch = dev["rsum"], epoch
+        meta = {"epoch": epoch, "step": step, "best_rsum": best_rsum, "best_epoch": best_epoch,
+                "dev": dev, "history": history}
+        if improved:
+            save_checkpoint(out / "best", model, config=cfg, vocab=vocab, meta=meta)
+        train_state = {"optimizer": optimizer.state_dict(),
+                       "scheduler": scheduler.state_dict() if scheduler is not None else None,
+                       "scaler": scaler.state_dict(), "rng_cpu": torch.get_rng_state(),
+                       "rng_cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}
+        save_checkpoint(out / "last", model, config=cfg, vocab=vocab, meta=meta, train_state=train_state)
+        logger.write(history)
+
+    # Final: the best-by-dev checkpoint on the test split (never looked at during training).
+    best_dir = resolve(out / "best")
+    if best_dir is None:
+        raise RuntimeError(f"no best checkpoint in {out} (0 epochs trained?)")
+    load_weights(model, best_dir)
+    test_split = load_split(root, cfg["test_split"], vocab, cfg["features"], info)
+    test = evaluate_split(model, test_split, batch_size=cfg["eval_batch_size"], autocast_dtype=amp)
+    best_meta = json.loads((best_dir / "meta.json").read_text())
+    result = {"test": test, "dev": best_meta["dev"], "best_epoch": best_meta["epoch"], "model": cfg["model"],
+              "data": cfg["data"], "features": cfg["features"], "test_split": cfg["test_split"],
+              "epochs": cfg["epochs"], "seed": cfg["seed"], "device": str(device),
+              "wall_time_s": round(time.time() - t_start, 1)}
+    (out / "metrics.json.tmp").write_text(json.dumps(result, indent=1))
+    os.replace(out / "metrics.json.tmp", out / "metrics.json")
+    print(f"\nbest epoch {best_meta['epoch'] + 1} (dev rsum {best_meta['dev']['rsum']:.1f}); "
+          f"{cfg['model']} on {cfg['data']} {cfg['test_split']} ({test_split.n_images} images):")
+    print(format_table({f"{cfg['test_split']}": test, "dev (best)": best_meta["dev"]}))
+    print(f"run folder: {out}  (metrics.json, metrics.csv, loss.png, rsum.png); "
+          f"wall time {result['wall_time_s']:.0f} s")
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        cfg = resolve_config(args)
+        cfg["_explicit"] = tuple(_cli_overrides(args))
+        train(cfg, resume=args.resume)
+    except (FileNotFoundError, FileExistsError, ValueError) as e:
+        print(f"vse-train: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
