@@ -17,8 +17,8 @@ BLOCK_ELEMENTS = 1 << 22  # unit similarities per block: 16 MiB in float32
 
 def _blocks(ni: int, nt: int, m: int, q: int) -> tuple[int, int]:
     """(image rows, text columns) per block so that rows * m * cols * q <= BLOCK_ELEMENTS (at least 1 x 1)."""
-    cols = min(nt, max(1, BLOCK_ELEMENTS // (m * q)))
-    rows = min(ni, max(1, BLOCK_ELEMENTS // (m * q * cols)))
+    cols = max(1, min(nt, BLOCK_ELEMENTS // (m * q)))
+    rows = max(1, min(ni, BLOCK_ELEMENTS // (m * q * cols)))
     return rows, cols
 
 

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 from ..._checks import check_same_device, check_same_dtype, check_tensor
 from . import cpu
-from .naive import DEFAULT_BLOCK_DIM, result_dtype, to_units
+from .naive import resolve_block_dim, result_dtype, to_units
 
 _TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -110,9 +110,7 @@ def prepare_units(img: torch.Tensor, txt: torch.Tensor, block_dim: int | None = 
         if x.dim() == 3 and block_dim is not None and x.size(2) != block_dim:
             raise ValueError(f"{name} is 3-D with unit size d={x.size(2)}, but block_dim={block_dim} was given; "
                              f"pass block_dim=None or {x.size(2)}")
-    if block_dim is None:
-        three_d = [x.size(2) for x in (img, txt) if x.dim() == 3]
-        block_dim = three_d[0] if three_d else DEFAULT_BLOCK_DIM
+    block_dim = resolve_block_dim(img, txt, block_dim)
     img_units, txt_units = _units("img", img, block_dim), _units("txt", txt, block_dim)
     if img_units.size(2) != txt_units.size(2):
         raise ValueError(f"img and txt units must have the same size d, got img units of {img_units.size(2)} "
