@@ -153,24 +153,30 @@ def _pow2(n: int) -> int:
     return max(16, triton.next_power_of_2(n))   # tl.dot tiles must be >= 16 on a GPU
 
 
-def _config(q, k, backward: bool, pairs: int | None, block_m: int | None):
+def _config(q, k, backward: bool, pairs: int | None, block_m: int | None, gpu: bool | None = None):
+    """(grid, constexprs, launch options). gpu overrides q.is_cuda (to compile for a GPU without one)."""
+    gpu = q.is_cuda if gpu is None else gpu
     batch, heads, lq, dh = q.shape
     block_n, block_d = _pow2(k.size(2)), _pow2(dh)
     if block_m is None:
-        # Keep the S/P tile (BLOCK_M x BLOCK_N fp32) and, in the backward, the dK/dV accumulators in
-        # registers: smaller query blocks when the key tile is large. Untuned heuristics (no GPU here).
-        big = block_n * block_d >= 128 * 128
-        block_m = min(_pow2(lq), 32 if (backward and big) else 64)
+        # Chosen from ptxas register/spill reports for sm_90 (compiled without a GPU; not timed): the
+        # forward keeps a 64-row S tile at 4 warps without spilling up to 128 x 128 K/V tiles; the
+        # backward also holds dK, dV accumulators, so it walks the queries in smaller blocks.
+        if backward:
+            block_m = 16 if (block_n <= 64 and block_d >= 128) else 32
+        else:
+            block_m = 64
+        block_m = min(block_m, _pow2(lq))
     bh = batch * heads
     if pairs is None:
         # Enough programs to fill the GPU several times over; more pairs per program only when there
         # are plenty, to amortise per-program setup when each pair is small.
-        sms = torch.cuda.get_device_properties(q.device).multi_processor_count if q.is_cuda else 1
+        sms = torch.cuda.get_device_properties(q.device).multi_processor_count if q.is_cuda else 132
         pairs = max(1, min(8 if block_n <= 64 else 2, bh // (8 * sms)))
-    num_warps = 8 if (block_n * block_d >= 128 * 128 or (backward and block_n * block_d >= 64 * 128)) else 4
+    num_warps = 8 if (backward and block_n * block_d >= 128 * 128) else 4
     meta = dict(PAIRS=pairs, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d,
-                UPCAST=not q.is_cuda, DOT_PREC="ieee" if q.dtype == torch.float32 else "tf32")
-    launch = dict(num_warps=num_warps, num_stages=2) if q.is_cuda else {}
+                UPCAST=not gpu, DOT_PREC="ieee" if q.dtype == torch.float32 else "tf32")
+    launch = dict(num_warps=num_warps, num_stages=2) if gpu else {}
     return (triton.cdiv(bh, pairs),), meta, launch
 
 
@@ -214,3 +220,35 @@ def attention_triton(q, k, v, key_padding_mask=None, scale=None, **config):
     out = torch.empty_like(q, memory_format=torch.contiguous_format)
     lse = attention_forward(q, k, v, key_padding_mask, scale, out, **config)
     return out, lse
+
+
+def compile_for_gpu(dtype: torch.dtype, lq: int, lk: int, dh: int, *, backward: bool, has_mask: bool = True,
+                    arch: int = 90):
+    """Compiles the kernel the launcher would pick for these sizes, for CUDA `arch`, without a GPU (needs
+    TRITON_INTERPRET unset; Triton's bundled ptxas). Catches what the interpreter does not check (tile
+    shapes, dtypes of dots, layouts); returns the compiled kernel (asm["ptx"], asm["cubin"])."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    kernel = _attn_bwd_kernel if backward else _attn_fwd_kernel
+    q = torch.empty(64, 8, lq, dh, dtype=dtype, device="meta")
+    k = torch.empty(64, 8, lk, dh, dtype=dtype, device="meta")
+    _, meta, launch = _config(q, k, backward, None, None, gpu=True)
+    element = {torch.float16: "*fp16", torch.bfloat16: "*bf16", torch.float32: "*fp32"}[dtype]
+    constexprs = dict(meta, HAS_MASK=has_mask)
+    signature = {}
+    for name in kernel.arg_names:
+        if name in constexprs:
+            signature[name] = "constexpr"
+        elif name == "LSE":
+            signature[name] = "*fp32"
+        elif name == "MASK":
+            signature[name] = "*u8" if has_mask else element
+        elif name in ("Q", "K", "V", "O", "DO", "DQ", "DK", "DV"):
+            signature[name] = element
+        elif name in ("scale", "qk_scale"):
+            signature[name] = "fp32"
+        else:
+            signature[name] = "i32"
+    source = ASTSource(fn=kernel, signature=signature, constexprs=constexprs)
+    return triton.compile(source, target=GPUTarget("cuda", arch, 32), options=launch)
