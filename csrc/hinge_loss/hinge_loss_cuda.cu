@@ -1,19 +1,15 @@
-// Hinge triplet loss with hard negatives: CUDA kernels (forward and backward).
+// Hinge triplet loss with hard negatives: CUDA kernels for the matrix and embedding ops.
 //
-// Deterministic by construction: every output element is written by exactly one thread, reductions run
-// in a fixed order with a lowest-index tie-break, and there are no atomics.
+// Deterministic by construction: every output element is written by exactly one thread per launch,
+// reductions run in a fixed order with a lowest-index tie-break, and there are no atomics.
 #include "hinge_loss.h"
 
+#include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
-#include <ATen/ops/empty.h>
-#include <ATen/ops/sum.h>
-#include <ATen/ops/zeros.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
-
-#include <limits>
 
 namespace vse_kernels::hinge_loss {
 namespace {
@@ -22,180 +18,212 @@ constexpr int kRowThreads = 256;
 constexpr int kColTile = 32;        // columns per block (one warp wide: coalesced row reads)
 constexpr int kColLanes = 8;        // rows read in parallel per column
 constexpr int kRowsPerChunk = 256;  // rows per block in the column pass; chunks are merged in order
+constexpr int kThreads = 256;
 
-// Running reduction state of one row or column: max with arg (lowest index on ties) or sum with count.
-template <typename acc_t>
-struct Partial {
-  acc_t value;
-  int64_t stat;  // arg-max (-1: none) or number of active terms
+unsigned blocks_for(int64_t n, int threads) { return static_cast<unsigned>((n + threads - 1) / threads); }
+const int64_t* ids_ptr(const at::Tensor& ids) { return ids.defined() ? ids.const_data_ptr<int64_t>() : nullptr; }
+at::Tensor contiguous_ids(const std::optional<at::Tensor>& img_ids) {
+  return img_ids.has_value() ? img_ids->contiguous() : at::Tensor();
+}
 
-  __device__ static Partial empty(bool max_violation) {
-    return {max_violation ? -std::numeric_limits<acc_t>::infinity() : acc_t(0), max_violation ? -1 : 0};
-  }
-  __device__ void add(acc_t cost, int64_t index, bool max_violation) {
-    if (max_violation) {
-      if (cost > value || (cost == value && stat >= 0 && index < stat)) value = cost, stat = index;
-    } else if (cost > 0) {
-      value += cost, ++stat;
-    }
-  }
-  // Merges a partial covering later indices: the caller keeps the order fixed.
-  __device__ void merge(const Partial& other, bool max_violation) {
-    if (max_violation) {
-      if (other.stat >= 0) add(other.value, other.stat, true);
-    } else {
-      value += other.value, stat += other.stat;
-    }
-  }
-  __device__ acc_t term(bool max_violation) const {
-    return max_violation ? (stat >= 0 && value > 0 ? value : acc_t(0)) : value;
-  }
-};
-
+// One block per row of the tile: the row's term is final after this tile.
 template <typename scalar_t, typename acc_t>
-__global__ void rows_kernel(const scalar_t* __restrict__ S, const int64_t* __restrict__ ids, int64_t B,
-                            acc_t margin, bool max_violation, acc_t* __restrict__ value,
+__global__ void rows_kernel(Tile<scalar_t, acc_t> t, bool max_violation, acc_t* __restrict__ term,
                             int64_t* __restrict__ stat) {
   __shared__ acc_t shared_value[kRowThreads];
   __shared__ int64_t shared_stat[kRowThreads];
-  const int64_t i = blockIdx.x;
-  const scalar_t* row = S + i * B;
-  const acc_t positive = static_cast<acc_t>(row[i]);
-  Partial<acc_t> p = Partial<acc_t>::empty(max_violation);
-  for (int64_t j = threadIdx.x; j < B; j += kRowThreads) {
-    if (is_negative(ids, i, j)) p.add(hinge_cost(margin, static_cast<acc_t>(row[j]), positive), j, max_violation);
+  const int64_t r = blockIdx.x, i = t.row0 + r;
+  Reduction<acc_t> row = Reduction<acc_t>::start(max_violation);
+  for (int64_t j = threadIdx.x; j < t.batch; j += kRowThreads) {
+    if (is_negative(t.ids, i, j)) row.add(hinge_cost(t.margin, t.score(r, j), t.positive[i]), j, max_violation);
   }
-  shared_value[threadIdx.x] = p.value, shared_stat[threadIdx.x] = p.stat;
+  shared_value[threadIdx.x] = row.value, shared_stat[threadIdx.x] = row.stat;
   __syncthreads();
   for (int width = kRowThreads / 2; width > 0; width /= 2) {  // fixed tree: same order every run
     if (threadIdx.x < width) {
-      Partial<acc_t> other{shared_value[threadIdx.x + width], shared_stat[threadIdx.x + width]};
-      p.merge(other, max_violation);
-      shared_value[threadIdx.x] = p.value, shared_stat[threadIdx.x] = p.stat;
+      row.merge(Reduction<acc_t>{shared_value[threadIdx.x + width], shared_stat[threadIdx.x + width]}, max_violation);
+      shared_value[threadIdx.x] = row.value, shared_stat[threadIdx.x] = row.stat;
     }
     __syncthreads();
   }
-  if (threadIdx.x == 0) value[i] = p.term(max_violation), stat[i] = p.stat;
+  if (threadIdx.x == 0) row.finish(max_violation, &term[i], &stat[i]);
 }
 
-// Column pass, stage 1: block (x, y) reduces columns [32x, 32x+32) over rows [256y, 256y+256).
+// Column pass, stage 1: block (x, y) reduces columns [32x, 32x + 32) over tile rows [256y, 256y + 256).
 template <typename scalar_t, typename acc_t>
-__global__ void column_chunks_kernel(const scalar_t* __restrict__ S, const int64_t* __restrict__ ids, int64_t B,
-                                     acc_t margin, bool max_violation, acc_t* __restrict__ chunk_value,
+__global__ void column_chunks_kernel(Tile<scalar_t, acc_t> t, bool max_violation, acc_t* __restrict__ chunk_value,
                                      int64_t* __restrict__ chunk_stat) {
   __shared__ acc_t shared_value[kColLanes][kColTile];
   __shared__ int64_t shared_stat[kColLanes][kColTile];
   const int64_t j = static_cast<int64_t>(blockIdx.x) * kColTile + threadIdx.x;
-  const int64_t row_begin = static_cast<int64_t>(blockIdx.y) * kRowsPerChunk;
-  const int64_t row_end = min(row_begin + kRowsPerChunk, B);
-  Partial<acc_t> p = Partial<acc_t>::empty(max_violation);
-  if (j < B) {
-    const acc_t positive = static_cast<acc_t>(S[j * B + j]);
-    for (int64_t i = row_begin + threadIdx.y; i < row_end; i += kColLanes) {
-      if (is_negative(ids, i, j)) p.add(hinge_cost(margin, static_cast<acc_t>(S[i * B + j]), positive), i, max_violation);
+  const int64_t r_begin = static_cast<int64_t>(blockIdx.y) * kRowsPerChunk;
+  const int64_t r_end = min(r_begin + kRowsPerChunk, t.rows);
+  Reduction<acc_t> column = Reduction<acc_t>::start(max_violation);
+  if (j < t.batch) {
+    for (int64_t r = r_begin + threadIdx.y; r < r_end; r += kColLanes) {
+      const int64_t i = t.row0 + r;
+      if (is_negative(t.ids, i, j)) column.add(hinge_cost(t.margin, t.score(r, j), t.positive[j]), i, max_violation);
     }
   }
-  shared_value[threadIdx.y][threadIdx.x] = p.value, shared_stat[threadIdx.y][threadIdx.x] = p.stat;
+  shared_value[threadIdx.y][threadIdx.x] = column.value, shared_stat[threadIdx.y][threadIdx.x] = column.stat;
   __syncthreads();
-  if (threadIdx.y == 0 && j < B) {
+  if (threadIdx.y == 0 && j < t.batch) {
     for (int lane = 1; lane < kColLanes; ++lane) {
-      p.merge(Partial<acc_t>{shared_value[lane][threadIdx.x], shared_stat[lane][threadIdx.x]}, max_violation);
+      column.merge(Reduction<acc_t>{shared_value[lane][threadIdx.x], shared_stat[lane][threadIdx.x]}, max_violation);
     }
-    chunk_value[blockIdx.y * B + j] = p.value, chunk_stat[blockIdx.y * B + j] = p.stat;
+    chunk_value[blockIdx.y * t.batch + j] = column.value, chunk_stat[blockIdx.y * t.batch + j] = column.stat;
   }
 }
 
-// Column pass, stage 2: merge the row chunks of each column in order.
+// Column pass, stage 2: fold this tile's chunks, in order, into the running column reductions.
 template <typename acc_t>
 __global__ void column_merge_kernel(const acc_t* __restrict__ chunk_value, const int64_t* __restrict__ chunk_stat,
-                                    int64_t B, int64_t chunks, bool max_violation, acc_t* __restrict__ value,
-                                    int64_t* __restrict__ stat) {
+                                    int64_t batch, int64_t chunks, bool max_violation, acc_t* __restrict__ run_value,
+                                    int64_t* __restrict__ run_stat) {
   const int64_t j = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (j >= B) return;
-  Partial<acc_t> p{chunk_value[j], chunk_stat[j]};
-  for (int64_t c = 1; c < chunks; ++c) p.merge(Partial<acc_t>{chunk_value[c * B + j], chunk_stat[c * B + j]}, max_violation);
-  value[j] = p.term(max_violation), stat[j] = p.stat;
+  if (j >= batch) return;
+  Reduction<acc_t> column{run_value[j], run_stat[j]};
+  for (int64_t c = 0; c < chunks; ++c) {
+    column.merge(Reduction<acc_t>{chunk_value[c * batch + j], chunk_stat[c * batch + j]}, max_violation);
+  }
+  run_value[j] = column.value, run_stat[j] = column.stat;
 }
 
-// Max mode, backward. Launched twice in stream order (rows, then columns): within a launch each thread owns
-// one row (or column) of the gradient, so the read-modify-writes never race.
+template <typename acc_t>
+__global__ void finish_columns_kernel(const acc_t* __restrict__ run_value, const int64_t* __restrict__ run_stat,
+                                      int64_t batch, bool max_violation, acc_t* __restrict__ term,
+                                      int64_t* __restrict__ stat) {
+  const int64_t j = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (j < batch) Reduction<acc_t>{run_value[j], run_stat[j]}.finish(max_violation, &term[j], &stat[j]);
+}
+
+// The forward over a sequence of tiles (one for the matrix op): rows final per tile, columns carried on.
 template <typename scalar_t, typename acc_t>
-__global__ void sparse_backward_kernel(const acc_t* __restrict__ grad, const scalar_t* __restrict__ S, int64_t B,
-                                       acc_t margin, const int64_t* __restrict__ arg, bool columns,
-                                       scalar_t* __restrict__ G) {
+struct ForwardPass {
+  bool max_violation;
+  int64_t batch;
+  at::Tensor positive, terms, run_value, run_stat, chunk_value, chunk_stat;
+
+  ForwardPass(int64_t batch, int64_t max_rows, bool max_violation, const at::TensorOptions& options)
+      : max_violation(max_violation), batch(batch) {
+    const auto acc = options.dtype(c10::CppTypeToScalarType<acc_t>::value);
+    const int64_t chunks = (max_rows + kRowsPerChunk - 1) / kRowsPerChunk;
+    terms = at::empty({2, batch}, acc);  // row terms, then column terms
+    run_value = at::full({batch}, Reduction<acc_t>::start(max_violation).value, acc);
+    run_stat = at::full({batch}, Reduction<acc_t>::start(max_violation).stat, options.dtype(at::kLong));
+    chunk_value = at::empty({chunks, batch}, acc);
+    chunk_stat = at::empty({chunks, batch}, options.dtype(at::kLong));
+  }
+
+  Tile<scalar_t, acc_t> tile(const at::Tensor& scores, int64_t row0, const at::Tensor& ids, double margin) const {
+    return {scores.const_data_ptr<scalar_t>(), scores.size(0), row0, batch, positive.const_data_ptr<acc_t>(),
+            ids_ptr(ids), static_cast<acc_t>(margin)};
+  }
+
+  void add_tile(const Tile<scalar_t, acc_t>& t, int64_t* row_stat) {
+    auto stream = c10::cuda::getCurrentCUDAStream();
+    rows_kernel<<<static_cast<unsigned>(t.rows), kRowThreads, 0, stream>>>(
+        t, max_violation, terms.mutable_data_ptr<acc_t>(), row_stat);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    const int64_t chunks = (t.rows + kRowsPerChunk - 1) / kRowsPerChunk;
+    column_chunks_kernel<<<dim3(blocks_for(batch, kColTile), static_cast<unsigned>(chunks)), dim3(kColTile, kColLanes),
+                           0, stream>>>(t, max_violation, chunk_value.mutable_data_ptr<acc_t>(),
+                                        chunk_stat.mutable_data_ptr<int64_t>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    column_merge_kernel<<<blocks_for(batch, kThreads), kThreads, 0, stream>>>(
+        chunk_value.const_data_ptr<acc_t>(), chunk_stat.const_data_ptr<int64_t>(), batch, chunks, max_violation,
+        run_value.mutable_data_ptr<acc_t>(), run_stat.mutable_data_ptr<int64_t>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+
+  at::Tensor finish(int64_t* col_stat, at::ScalarType dtype) {
+    finish_columns_kernel<<<blocks_for(batch, kThreads), kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
+        run_value.const_data_ptr<acc_t>(), run_stat.const_data_ptr<int64_t>(), batch, max_violation,
+        terms.mutable_data_ptr<acc_t>() + batch, col_stat);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    return at::sum(terms).to(dtype);  // ATen's reduction: fixed order, no atomics
+  }
+};
+
+// Max mode, matrix op backward. Launched twice in stream order (rows, then columns): within a launch each
+// thread owns one row (or column) of the gradient, so its read-modify-writes never race.
+template <typename scalar_t, typename acc_t>
+__global__ void sparse_grad_kernel(const acc_t* __restrict__ grad, const int64_t* __restrict__ arg, int64_t batch,
+                                   bool columns, scalar_t* __restrict__ G) {
   const int64_t k = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (k >= B || arg[k] < 0) return;
+  if (k >= batch || arg[k] < 0) return;
   const int64_t i = columns ? arg[k] : k, j = columns ? k : arg[k];
-  const acc_t positive = static_cast<acc_t>(S[k * B + k]);
-  if (!(hinge_cost(margin, static_cast<acc_t>(S[i * B + j]), positive) > 0)) return;
   const acc_t g = *grad;
-  G[i * B + j] = static_cast<scalar_t>(static_cast<acc_t>(G[i * B + j]) + g);
-  G[k * B + k] = static_cast<scalar_t>(static_cast<acc_t>(G[k * B + k]) - g);
+  G[i * batch + j] = static_cast<scalar_t>(static_cast<acc_t>(G[i * batch + j]) + g);
+  G[k * batch + k] = static_cast<scalar_t>(static_cast<acc_t>(G[k * batch + k]) - g);
 }
 
-// Sum mode, backward: dense and elementwise; the diagonal uses the active-term counts saved by the forward.
+// Sum mode: d loss / d scores on one tile, elementwise; the diagonal takes the forward's active counts.
 template <typename scalar_t, typename acc_t>
-__global__ void dense_backward_kernel(const acc_t* __restrict__ grad, const scalar_t* __restrict__ S,
-                                      const int64_t* __restrict__ ids, int64_t B, acc_t margin,
-                                      const int64_t* __restrict__ row_count, const int64_t* __restrict__ col_count,
-                                      scalar_t* __restrict__ G) {
+__global__ void dense_grad_kernel(Tile<scalar_t, acc_t> t, const acc_t* __restrict__ grad,
+                                  const int64_t* __restrict__ row_count, const int64_t* __restrict__ col_count,
+                                  scalar_t* __restrict__ out) {
   const int64_t n = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (n >= B * B) return;
-  const int64_t i = n / B, j = n % B;
+  if (n >= t.rows * t.batch) return;
+  const int64_t r = n / t.batch, j = n % t.batch, i = t.row0 + r;
   const acc_t g = *grad;
   acc_t v = 0;
   if (i == j) {
     v = -g * static_cast<acc_t>(row_count[i] + col_count[i]);
-  } else if (is_negative(ids, i, j)) {
-    const acc_t s = static_cast<acc_t>(S[n]);
-    v = g * static_cast<acc_t>((hinge_cost(margin, s, static_cast<acc_t>(S[i * B + i])) > 0) +
-                               (hinge_cost(margin, s, static_cast<acc_t>(S[j * B + j])) > 0));
+  } else if (is_negative(t.ids, i, j)) {
+    const acc_t s = t.score(r, j);
+    v = g * static_cast<acc_t>((hinge_cost(t.margin, s, t.positive[i]) > 0) + (hinge_cost(t.margin, s, t.positive[j]) > 0));
   }
-  G[n] = static_cast<scalar_t>(v);
+  out[n] = static_cast<scalar_t>(v);
 }
 
-unsigned blocks_for(int64_t n, int threads) { return static_cast<unsigned>((n + threads - 1) / threads); }
+// Max mode, embedding op backward, for one side. For image k (X = txt; own = row_stat, other = col_stat):
+//   d img_k = g * ([own_k >= 0] (X[own_k] - X[k]) + sum_{j : col_stat[j] = k} X[j] - [other_k >= 0] X[k])
+// and symmetrically for captions. The middle sum runs over a sorted list (stable, so fixed order): each
+// output element is written by one thread and the result is deterministic.
+template <typename scalar_t, typename acc_t>
+__global__ void gather_grad_kernel(const acc_t* __restrict__ grad, const scalar_t* __restrict__ X,
+                                   const int64_t* __restrict__ own, const int64_t* __restrict__ other,
+                                   const int64_t* __restrict__ order, const int64_t* __restrict__ offsets,
+                                   int64_t batch, int64_t dim, scalar_t* __restrict__ out) {
+  const int64_t k = blockIdx.x, d = static_cast<int64_t>(blockIdx.y) * blockDim.x + threadIdx.x;
+  if (d >= dim) return;
+  auto x = [&](int64_t row) { return static_cast<acc_t>(X[row * dim + d]); };
+  acc_t v = 0;
+  if (own[k] >= 0) v += x(own[k]) - x(k);
+  for (int64_t p = offsets[k]; p < offsets[k + 1]; ++p) v += x(order[p]);
+  if (other[k] >= 0) v -= x(k);
+  out[k * dim + d] = static_cast<scalar_t>(*grad * v);
+}
+
+// For each k: the indices whose statistic points at k, as (order, offsets) lists (inactive -1 sorts first).
+std::tuple<at::Tensor, at::Tensor> inverse_lists(const at::Tensor& stat) {
+  const auto [sorted, order] = at::sort(stat, /*stable=*/true, /*dim=*/0, /*descending=*/false);
+  const at::Tensor offsets = at::searchsorted(sorted, at::arange(stat.size(0) + 1, stat.options()));
+  return {order, offsets};
+}
+
+at::Tensor device_grad(const at::Tensor& grad, at::ScalarType acc) {
+  return grad.reshape({}).to(acc).contiguous();  // stays on the device: no host sync
+}
 
 }  // namespace
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_cuda(const at::Tensor& scores_in, double margin,
-                                                            bool max_violation,
-                                                            const std::optional<at::Tensor>& img_ids) {
-  check_inputs(scores_in, img_ids);
+Forward forward_cuda(const at::Tensor& scores_in, double margin, bool max_violation,
+                     const std::optional<at::Tensor>& img_ids) {
+  check_scores(scores_in, img_ids);
   const c10::cuda::CUDAGuard guard(scores_in.device());
-  const at::Tensor scores = scores_in.contiguous();
-  const at::Tensor ids = img_ids.has_value() ? img_ids->contiguous() : at::Tensor();
+  const at::Tensor scores = scores_in.contiguous(), ids = contiguous_ids(img_ids);
   const int64_t B = scores.size(0);
-  at::Tensor row_stat = at::empty({B}, scores.options().dtype(at::kLong));
-  at::Tensor col_stat = at::empty({B}, scores.options().dtype(at::kLong));
+  at::Tensor row_stat = at::empty({B}, scores.options().dtype(at::kLong)), col_stat = at::empty_like(row_stat);
   if (B == 0) return {at::zeros({}, scores.options()), row_stat, col_stat};
   at::Tensor loss;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, scores.scalar_type(), "hinge_loss_fwd_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    const auto acc_options = scores.options().dtype(c10::CppTypeToScalarType<acc_t>::value);
-    const int64_t chunks = (B + kRowsPerChunk - 1) / kRowsPerChunk;
-    at::Tensor terms = at::empty({2, B}, acc_options);  // row terms, then column terms
-    at::Tensor chunk_value = at::empty({chunks, B}, acc_options);
-    at::Tensor chunk_stat = at::empty({chunks, B}, scores.options().dtype(at::kLong));
-    const scalar_t* S = scores.const_data_ptr<scalar_t>();
-    const int64_t* id_ptr = ids.defined() ? ids.const_data_ptr<int64_t>() : nullptr;
-    acc_t* row_value = terms.mutable_data_ptr<acc_t>();
-    const acc_t m = static_cast<acc_t>(margin);
-    auto stream = c10::cuda::getCurrentCUDAStream();
-
-    rows_kernel<scalar_t, acc_t><<<static_cast<unsigned>(B), kRowThreads, 0, stream>>>(
-        S, id_ptr, B, m, max_violation, row_value, row_stat.mutable_data_ptr<int64_t>());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-    const dim3 chunk_grid(blocks_for(B, kColTile), static_cast<unsigned>(chunks));
-    column_chunks_kernel<scalar_t, acc_t><<<chunk_grid, dim3(kColTile, kColLanes), 0, stream>>>(
-        S, id_ptr, B, m, max_violation, chunk_value.mutable_data_ptr<acc_t>(),
-        chunk_stat.mutable_data_ptr<int64_t>());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-    column_merge_kernel<acc_t><<<blocks_for(B, 256), 256, 0, stream>>>(
-        chunk_value.const_data_ptr<acc_t>(), chunk_stat.const_data_ptr<int64_t>(), B, chunks, max_violation,
-        row_value + B, col_stat.mutable_data_ptr<int64_t>());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-    loss = at::sum(terms).to(scores.scalar_type());  // ATen's reduction: fixed order, no atomics
+    ForwardPass<scalar_t, acc_t> pass(B, B, max_violation, scores.options());
+    pass.positive = scores.diagonal().to(c10::CppTypeToScalarType<acc_t>::value).contiguous();
+    pass.add_tile(pass.tile(scores, 0, ids, margin), row_stat.mutable_data_ptr<int64_t>());
+    loss = pass.finish(col_stat.mutable_data_ptr<int64_t>(), scores.scalar_type());
   });
   return {loss, row_stat, col_stat};
 }
@@ -203,43 +231,129 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_cuda(const at::Tensor& sc
 at::Tensor backward_cuda(const at::Tensor& grad, const at::Tensor& scores_in, double margin, bool max_violation,
                          const std::optional<at::Tensor>& img_ids, const at::Tensor& row_stat_in,
                          const at::Tensor& col_stat_in) {
-  check_inputs(scores_in, img_ids);
-  check_stats(scores_in, row_stat_in, col_stat_in);
-  TORCH_CHECK(grad.numel() == 1, "hinge_triplet_loss_bwd: grad must hold one element, got ", grad.sizes());
-  TORCH_CHECK(grad.device() == scores_in.device(), "hinge_triplet_loss_bwd: grad is on ", grad.device(),
-              " but scores is on ", scores_in.device());
+  check_scores(scores_in, img_ids);
+  check_backward(grad, scores_in.size(0), row_stat_in, col_stat_in, scores_in.device());
   const c10::cuda::CUDAGuard guard(scores_in.device());
-  const at::Tensor scores = scores_in.contiguous();
-  const at::Tensor ids = img_ids.has_value() ? img_ids->contiguous() : at::Tensor();
+  const at::Tensor scores = scores_in.contiguous(), ids = contiguous_ids(img_ids);
   const at::Tensor row_stat = row_stat_in.contiguous(), col_stat = col_stat_in.contiguous();
   const int64_t B = scores.size(0);
   if (B == 0) return at::zeros({B, B}, scores.options());
   at::Tensor grad_scores;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, scores.scalar_type(), "hinge_loss_bwd_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    const at::Tensor g = grad.reshape({}).to(c10::CppTypeToScalarType<acc_t>::value);  // stays on device: no sync
-    const acc_t* g_ptr = g.const_data_ptr<acc_t>();
-    const scalar_t* S = scores.const_data_ptr<scalar_t>();
-    const acc_t m = static_cast<acc_t>(margin);
+    const auto acc = c10::CppTypeToScalarType<acc_t>::value;
+    const at::Tensor g = device_grad(grad, acc);
     auto stream = c10::cuda::getCurrentCUDAStream();
     if (max_violation) {
       grad_scores = at::zeros({B, B}, scores.options());
-      scalar_t* G = grad_scores.mutable_data_ptr<scalar_t>();
       for (bool columns : {false, true}) {
-        sparse_backward_kernel<scalar_t, acc_t><<<blocks_for(B, 256), 256, 0, stream>>>(
-            g_ptr, S, B, m, (columns ? col_stat : row_stat).const_data_ptr<int64_t>(), columns, G);
+        sparse_grad_kernel<scalar_t, acc_t><<<blocks_for(B, kThreads), kThreads, 0, stream>>>(
+            g.const_data_ptr<acc_t>(), (columns ? col_stat : row_stat).const_data_ptr<int64_t>(), B, columns,
+            grad_scores.mutable_data_ptr<scalar_t>());
         C10_CUDA_KERNEL_LAUNCH_CHECK();
       }
-    } else {
-      grad_scores = at::empty({B, B}, scores.options());
-      dense_backward_kernel<scalar_t, acc_t><<<blocks_for(B * B, 256), 256, 0, stream>>>(
-          g_ptr, S, ids.defined() ? ids.const_data_ptr<int64_t>() : nullptr, B, m,
-          row_stat.const_data_ptr<int64_t>(), col_stat.const_data_ptr<int64_t>(),
-          grad_scores.mutable_data_ptr<scalar_t>());
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      return;
     }
+    grad_scores = at::empty({B, B}, scores.options());
+    const at::Tensor positive = scores.diagonal().to(acc).contiguous();
+    const Tile<scalar_t, acc_t> t{scores.const_data_ptr<scalar_t>(), B, 0, B, positive.const_data_ptr<acc_t>(),
+                                  ids_ptr(ids), static_cast<acc_t>(margin)};
+    dense_grad_kernel<<<blocks_for(B * B, kThreads), kThreads, 0, stream>>>(
+        t, g.const_data_ptr<acc_t>(), row_stat.const_data_ptr<int64_t>(), col_stat.const_data_ptr<int64_t>(),
+        grad_scores.mutable_data_ptr<scalar_t>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return grad_scores;
+}
+
+// The positives <img_i, txt_i>, rounded to the input dtype as the GEMM's own output would be.
+at::Tensor positives(const at::Tensor& img, const at::Tensor& txt, at::ScalarType acc) {
+  return (img.to(acc) * txt.to(acc)).sum(1).to(img.scalar_type()).to(acc).contiguous();
+}
+
+Forward embeddings_forward_cuda(const at::Tensor& img_in, const at::Tensor& txt_in, double margin,
+                                bool max_violation, const std::optional<at::Tensor>& img_ids) {
+  check_embeddings(img_in, txt_in, img_ids);
+  const c10::cuda::CUDAGuard guard(img_in.device());
+  const at::Tensor img = img_in.contiguous(), txt = txt_in.contiguous(), ids = contiguous_ids(img_ids);
+  const int64_t B = img.size(0), rows = tile_rows(B);
+  at::Tensor row_stat = at::empty({B}, img.options().dtype(at::kLong)), col_stat = at::empty_like(row_stat);
+  if (B == 0) return {at::zeros({}, img.options()), row_stat, col_stat};
+  at::Tensor loss;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, img.scalar_type(), "hinge_loss_emb_fwd_cuda", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    ForwardPass<scalar_t, acc_t> pass(B, rows, max_violation, img.options());
+    pass.positive = positives(img, txt, c10::CppTypeToScalarType<acc_t>::value);
+    at::Tensor buffer = at::empty({rows, B}, img.options());  // one tile of scores, reused
+    for (int64_t row0 = 0; row0 < B; row0 += rows) {
+      const int64_t n = std::min(rows, B - row0);
+      at::Tensor scores = buffer.narrow(0, 0, n);
+      at::mm_out(scores, img.narrow(0, row0, n), txt.t());
+      pass.add_tile(pass.tile(scores, row0, ids, margin), row_stat.mutable_data_ptr<int64_t>());
+    }
+    loss = pass.finish(col_stat.mutable_data_ptr<int64_t>(), img.scalar_type());
+  });
+  return {loss, row_stat, col_stat};
+}
+
+std::tuple<at::Tensor, at::Tensor> embeddings_backward_cuda(const at::Tensor& grad, const at::Tensor& img_in,
+                                                            const at::Tensor& txt_in, double margin,
+                                                            bool max_violation,
+                                                            const std::optional<at::Tensor>& img_ids,
+                                                            const at::Tensor& row_stat_in,
+                                                            const at::Tensor& col_stat_in) {
+  check_embeddings(img_in, txt_in, img_ids);
+  check_backward(grad, img_in.size(0), row_stat_in, col_stat_in, img_in.device());
+  const c10::cuda::CUDAGuard guard(img_in.device());
+  const at::Tensor img = img_in.contiguous(), txt = txt_in.contiguous(), ids = contiguous_ids(img_ids);
+  const at::Tensor row_stat = row_stat_in.contiguous(), col_stat = col_stat_in.contiguous();
+  const int64_t B = img.size(0), D = img.size(1);
+  at::Tensor grad_img = at::empty({B, D}, img.options()), grad_txt = at::empty({B, D}, img.options());
+  if (B == 0 || D == 0) return {grad_img, grad_txt};
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, img.scalar_type(), "hinge_loss_emb_bwd_cuda", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const auto acc = c10::CppTypeToScalarType<acc_t>::value;
+    const at::Tensor g = device_grad(grad, acc);
+    auto stream = c10::cuda::getCurrentCUDAStream();
+    if (max_violation) {
+      const dim3 grid(static_cast<unsigned>(B), blocks_for(D, 128));
+      const auto [by_col_stat, col_offsets] = inverse_lists(col_stat);  // columns whose hardest image is k
+      const auto [by_row_stat, row_offsets] = inverse_lists(row_stat);  // rows whose hardest caption is k
+      gather_grad_kernel<scalar_t, acc_t><<<grid, 128, 0, stream>>>(
+          g.const_data_ptr<acc_t>(), txt.const_data_ptr<scalar_t>(), row_stat.const_data_ptr<int64_t>(),
+          col_stat.const_data_ptr<int64_t>(), by_col_stat.const_data_ptr<int64_t>(),
+          col_offsets.const_data_ptr<int64_t>(), B, D, grad_img.mutable_data_ptr<scalar_t>());
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      gather_grad_kernel<scalar_t, acc_t><<<grid, 128, 0, stream>>>(
+          g.const_data_ptr<acc_t>(), img.const_data_ptr<scalar_t>(), col_stat.const_data_ptr<int64_t>(),
+          row_stat.const_data_ptr<int64_t>(), by_row_stat.const_data_ptr<int64_t>(),
+          row_offsets.const_data_ptr<int64_t>(), B, D, grad_txt.mutable_data_ptr<scalar_t>());
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      return;
+    }
+    // Sum mode: the gradient of the scores is dense; rebuild it tile by tile and multiply through.
+    const int64_t rows = tile_rows(B);
+    const at::Tensor positive = positives(img, txt, acc);
+    at::Tensor scores_buffer = at::empty({rows, B}, img.options()), grad_buffer = at::empty_like(scores_buffer);
+    at::Tensor grad_txt_acc = at::zeros({B, D}, img.options().dtype(acc));
+    for (int64_t row0 = 0; row0 < B; row0 += rows) {
+      const int64_t n = std::min(rows, B - row0);
+      const at::Tensor block = img.narrow(0, row0, n);
+      at::Tensor scores = scores_buffer.narrow(0, 0, n), grad_scores = grad_buffer.narrow(0, 0, n);
+      at::mm_out(scores, block, txt.t());
+      const Tile<scalar_t, acc_t> t{scores.const_data_ptr<scalar_t>(), n, row0, B, positive.const_data_ptr<acc_t>(),
+                                    ids_ptr(ids), static_cast<acc_t>(margin)};
+      dense_grad_kernel<<<blocks_for(n * B, kThreads), kThreads, 0, stream>>>(
+          t, g.const_data_ptr<acc_t>(), row_stat.const_data_ptr<int64_t>(), col_stat.const_data_ptr<int64_t>(),
+          grad_scores.mutable_data_ptr<scalar_t>());
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      at::Tensor grad_block = grad_img.narrow(0, row0, n);
+      at::mm_out(grad_block, grad_scores, txt);
+      grad_txt_acc += at::mm(grad_scores.t(), block).to(acc);
+    }
+    grad_txt.copy_(grad_txt_acc);
+  });
+  return {grad_img, grad_txt};
 }
 
 }  // namespace vse_kernels::hinge_loss

@@ -1,4 +1,5 @@
-from .naive import hinge_triplet_loss_reference
-from .op import hinge_triplet_loss
+from .naive import hinge_triplet_loss_embeddings_reference, hinge_triplet_loss_reference
+from .op import hinge_triplet_loss, hinge_triplet_loss_embeddings
 
-__all__ = ["hinge_triplet_loss", "hinge_triplet_loss_reference"]
+__all__ = ["hinge_triplet_loss", "hinge_triplet_loss_embeddings", "hinge_triplet_loss_reference",
+           "hinge_triplet_loss_embeddings_reference"]

@@ -26,3 +26,10 @@ def hinge_triplet_loss_reference(scores: torch.Tensor, margin: float = 0.2, max_
     else:
         loss = cost_s.sum() + cost_im.sum()
     return loss / scores.size(0) if reduction == "mean" else loss
+
+
+def hinge_triplet_loss_embeddings_reference(img: torch.Tensor, txt: torch.Tensor, margin: float = 0.2,
+                                            max_violation: bool = True, img_ids: torch.Tensor | None = None,
+                                            reduction: str = "sum") -> torch.Tensor:
+    """The loss of the materialised (B, B) score matrix `img @ txt.T`."""
+    return hinge_triplet_loss_reference(img @ txt.T, margin, max_violation, img_ids, reduction)
