@@ -37,7 +37,7 @@ def _attn_fwd_kernel(
     sqb, sqh, sql, sqd, skb, skh, skl, skd, svb, svh, svl, svd, sob, soh, sol, sod,
     H, BH, Lq, Lk, Dh, qk_scale,
     HAS_MASK: tl.constexpr, PAIRS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_D: tl.constexpr, UPCAST: tl.constexpr, DOT_PREC: tl.constexpr,
+    BLOCK_D: tl.constexpr, M_BLOCKS: tl.constexpr, UPCAST: tl.constexpr, DOT_PREC: tl.constexpr,
 ):
     pid = tl.program_id(0)
     offs_m = tl.arange(0, BLOCK_M)
@@ -47,39 +47,42 @@ def _attn_fwd_kernel(
     n_ok = offs_n < Lk
     kv_ok = n_ok[:, None] & d_ok[None, :]
     for i in range(PAIRS):
-        pair = pid * PAIRS + i
-        if pair < BH:
-            # int64 offsets: B·H·L·Dh can exceed 2**31 elements at the batch sizes this is built for.
-            b = (pair // H).to(tl.int64)
-            h = (pair % H).to(tl.int64)
-            k = tl.load(K + b * skb + h * skh + offs_n[:, None] * skl + offs_d[None, :] * skd, mask=kv_ok, other=0.0)
-            v = tl.load(V + b * svb + h * svh + offs_n[:, None] * svl + offs_d[None, :] * svd, mask=kv_ok, other=0.0)
+        # The last program's surplus iterations redo pair BH - 1 (same values, same program) instead of
+        # branching: a branch-free body lets the compiler pipeline the next pair's loads.
+        pair = tl.minimum(pid * PAIRS + i, BH - 1)
+        # int64 offsets: B·H·L·Dh can exceed 2**31 elements at the batch sizes this is built for. The
+        # per-pair part is folded into 1-D row offsets so that no loop-invariant 2-D offset tensor is
+        # hoisted out of the pair loop (that costs ~64 registers per tensor and made ptxas spill).
+        b = (pair // H).to(tl.int64)
+        h = (pair % H).to(tl.int64)
+        k = tl.load(K + (b * skb + h * skh + offs_n * skl)[:, None] + (offs_d * skd)[None, :], mask=kv_ok, other=0.0)
+        v = tl.load(V + (b * svb + h * svh + offs_n * svl)[:, None] + (offs_d * svd)[None, :], mask=kv_ok, other=0.0)
+        if UPCAST:
+            k = k.to(tl.float32)
+            v = v.to(tl.float32)
+        key_ok = n_ok
+        if HAS_MASK:
+            pad = tl.load(MASK + b * Lk + offs_n, mask=n_ok, other=1)
+            key_ok = key_ok & (pad == 0)
+        for m0 in range(0, M_BLOCKS * BLOCK_M, BLOCK_M):
+            rows = m0 + offs_m
+            r_ok = rows < Lq
+            q = tl.load(Q + (b * sqb + h * sqh + rows * sql)[:, None] + (offs_d * sqd)[None, :],
+                        mask=r_ok[:, None] & d_ok[None, :], other=0.0)
             if UPCAST:
-                k = k.to(tl.float32)
-                v = v.to(tl.float32)
-            key_ok = n_ok
-            if HAS_MASK:
-                pad = tl.load(MASK + b * Lk + offs_n, mask=n_ok, other=1)
-                key_ok = key_ok & (pad == 0)
-            for m0 in range(0, Lq, BLOCK_M):
-                rows = m0 + offs_m
-                r_ok = rows < Lq
-                q = tl.load(Q + b * sqb + h * sqh + rows[:, None] * sql + offs_d[None, :] * sqd,
-                            mask=r_ok[:, None] & d_ok[None, :], other=0.0)
-                if UPCAST:
-                    q = q.to(tl.float32)
-                s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale   # base-2 logits
-                s = tl.where(key_ok[None, :], s, float("-inf"))
-                m = tl.max(s, axis=1)
-                m = tl.where(m == float("-inf"), 0.0, m)          # fully-masked row: avoid -inf - -inf
-                p = tl.exp2(s - m[:, None])
-                l = tl.sum(p, axis=1)
-                l_safe = tl.where(l == 0.0, 1.0, l)
-                o = tl.dot(p.to(v.dtype), v, input_precision=DOT_PREC) / l_safe[:, None]
-                tl.store(O + b * sob + h * soh + rows[:, None] * sol + offs_d[None, :] * sod,
-                         o.to(O.dtype.element_ty), mask=r_ok[:, None] & d_ok[None, :])
-                lse = tl.where(l == 0.0, float("inf"), (m + tl.log2(l_safe)) * 0.6931471805599453)
-                tl.store(LSE + pair.to(tl.int64) * Lq + rows, lse, mask=r_ok)
+                q = q.to(tl.float32)
+            s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale   # base-2 logits
+            s = tl.where(key_ok[None, :], s, float("-inf"))
+            m = tl.max(s, axis=1)
+            m = tl.where(m == float("-inf"), 0.0, m)          # fully-masked row: avoid -inf - -inf
+            p = tl.exp2(s - m[:, None])
+            l = tl.sum(p, axis=1)
+            l_safe = tl.where(l == 0.0, 1.0, l)
+            o = tl.dot(p.to(v.dtype), v, input_precision=DOT_PREC) / l_safe[:, None]
+            tl.store(O + (b * sob + h * soh + rows * sol)[:, None] + (offs_d * sod)[None, :],
+                     o.to(O.dtype.element_ty), mask=r_ok[:, None] & d_ok[None, :])
+            lse = tl.where(l == 0.0, float("inf"), (m + tl.log2(l_safe)) * 0.6931471805599453)
+            tl.store(LSE + pair.to(tl.int64) * Lq + rows, lse, mask=r_ok)
 
 
 @triton.jit
@@ -89,7 +92,7 @@ def _attn_bwd_kernel(
     sgb, sgh, sgl, sgd, sdqb, sdqh, sdql, sdqd, sdkb, sdkh, sdkl, sdkd, sdvb, sdvh, sdvl, sdvd,
     H, BH, Lq, Lk, Dh, scale, qk_scale,
     HAS_MASK: tl.constexpr, PAIRS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_D: tl.constexpr, UPCAST: tl.constexpr, DOT_PREC: tl.constexpr,
+    BLOCK_D: tl.constexpr, M_BLOCKS: tl.constexpr, UPCAST: tl.constexpr, DOT_PREC: tl.constexpr,
 ):
     pid = tl.program_id(0)
     offs_m = tl.arange(0, BLOCK_M)
@@ -99,48 +102,49 @@ def _attn_bwd_kernel(
     n_ok = offs_n < Lk
     kv_ok = n_ok[:, None] & d_ok[None, :]
     for i in range(PAIRS):
-        pair = pid * PAIRS + i
-        if pair < BH:
-            b = (pair // H).to(tl.int64)
-            h = (pair % H).to(tl.int64)
-            k = tl.load(K + b * skb + h * skh + offs_n[:, None] * skl + offs_d[None, :] * skd, mask=kv_ok, other=0.0)
-            v = tl.load(V + b * svb + h * svh + offs_n[:, None] * svl + offs_d[None, :] * svd, mask=kv_ok, other=0.0)
+        # The last program's surplus iterations redo pair BH - 1 (same values, same program) instead of
+        # branching: a branch-free body lets the compiler pipeline the next pair's loads.
+        pair = tl.minimum(pid * PAIRS + i, BH - 1)
+        b = (pair // H).to(tl.int64)
+        h = (pair % H).to(tl.int64)
+        k = tl.load(K + (b * skb + h * skh + offs_n * skl)[:, None] + (offs_d * skd)[None, :], mask=kv_ok, other=0.0)
+        v = tl.load(V + (b * svb + h * svh + offs_n * svl)[:, None] + (offs_d * svd)[None, :], mask=kv_ok, other=0.0)
+        if UPCAST:
+            k = k.to(tl.float32)
+            v = v.to(tl.float32)
+        key_ok = n_ok
+        if HAS_MASK:
+            pad = tl.load(MASK + b * Lk + offs_n, mask=n_ok, other=1)
+            key_ok = key_ok & (pad == 0)
+        dk = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
+        dv = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
+        for m0 in range(0, M_BLOCKS * BLOCK_M, BLOCK_M):
+            rows = m0 + offs_m
+            r_ok = rows < Lq
+            qd_ok = r_ok[:, None] & d_ok[None, :]
+            q = tl.load(Q + (b * sqb + h * sqh + rows * sql)[:, None] + (offs_d * sqd)[None, :], mask=qd_ok, other=0.0)
+            do = tl.load(DO + (b * sgb + h * sgh + rows * sgl)[:, None] + (offs_d * sgd)[None, :], mask=qd_ok, other=0.0)
+            o = tl.load(O + (b * sob + h * soh + rows * sol)[:, None] + (offs_d * sod)[None, :], mask=qd_ok, other=0.0)
+            # padded rows read lse = +inf, so they contribute nothing below
+            lse = tl.load(LSE + pair.to(tl.int64) * Lq + rows, mask=r_ok, other=float("inf"))
             if UPCAST:
-                k = k.to(tl.float32)
-                v = v.to(tl.float32)
-            key_ok = n_ok
-            if HAS_MASK:
-                pad = tl.load(MASK + b * Lk + offs_n, mask=n_ok, other=1)
-                key_ok = key_ok & (pad == 0)
-            dk = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
-            dv = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
-            for m0 in range(0, Lq, BLOCK_M):
-                rows = m0 + offs_m
-                r_ok = rows < Lq
-                qd_ok = r_ok[:, None] & d_ok[None, :]
-                q = tl.load(Q + b * sqb + h * sqh + rows[:, None] * sql + offs_d[None, :] * sqd, mask=qd_ok, other=0.0)
-                do = tl.load(DO + b * sgb + h * sgh + rows[:, None] * sgl + offs_d[None, :] * sgd, mask=qd_ok, other=0.0)
-                o = tl.load(O + b * sob + h * soh + rows[:, None] * sol + offs_d[None, :] * sod, mask=qd_ok, other=0.0)
-                # padded rows read lse = +inf, so they contribute nothing below
-                lse = tl.load(LSE + pair.to(tl.int64) * Lq + rows, mask=r_ok, other=float("inf"))
-                if UPCAST:
-                    q = q.to(tl.float32)
-                    do = do.to(tl.float32)
-                delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), axis=1)
-                s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale
-                s = tl.where(key_ok[None, :], s, float("-inf"))
-                p = tl.exp2(s - lse[:, None] * 1.4426950408889634)
-                dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=DOT_PREC)
-                dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)
-                ds = p * (dp - delta[:, None])
-                dq = tl.dot(ds.to(k.dtype), k, input_precision=DOT_PREC) * scale
-                tl.store(DQ + b * sdqb + h * sdqh + rows[:, None] * sdql + offs_d[None, :] * sdqd,
-                         dq.to(DQ.dtype.element_ty), mask=qd_ok)
-                dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=DOT_PREC)
-            tl.store(DK + b * sdkb + h * sdkh + offs_n[:, None] * sdkl + offs_d[None, :] * sdkd,
-                     (dk * scale).to(DK.dtype.element_ty), mask=kv_ok)
-            tl.store(DV + b * sdvb + h * sdvh + offs_n[:, None] * sdvl + offs_d[None, :] * sdvd,
-                     dv.to(DV.dtype.element_ty), mask=kv_ok)
+                q = q.to(tl.float32)
+                do = do.to(tl.float32)
+            delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), axis=1)
+            s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale
+            s = tl.where(key_ok[None, :], s, float("-inf"))
+            p = tl.exp2(s - lse[:, None] * 1.4426950408889634)
+            dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=DOT_PREC)
+            dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)
+            ds = p * (dp - delta[:, None])
+            dq = tl.dot(ds.to(k.dtype), k, input_precision=DOT_PREC) * scale
+            tl.store(DQ + (b * sdqb + h * sdqh + rows * sdql)[:, None] + (offs_d * sdqd)[None, :],
+                     dq.to(DQ.dtype.element_ty), mask=qd_ok)
+            dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=DOT_PREC)
+        tl.store(DK + (b * sdkb + h * sdkh + offs_n * sdkl)[:, None] + (offs_d * sdkd)[None, :],
+                 (dk * scale).to(DK.dtype.element_ty), mask=kv_ok)
+        tl.store(DV + (b * sdvb + h * sdvh + offs_n * sdvl)[:, None] + (offs_d * sdvd)[None, :],
+                 dv.to(DV.dtype.element_ty), mask=kv_ok)
 
 
 def supported(q: torch.Tensor, k: torch.Tensor) -> bool:
@@ -159,22 +163,20 @@ def _config(q, k, backward: bool, pairs: int | None, block_m: int | None, gpu: b
     batch, heads, lq, dh = q.shape
     block_n, block_d = _pow2(k.size(2)), _pow2(dh)
     if block_m is None:
-        # Chosen from ptxas register/spill reports for sm_90 (compiled without a GPU; not timed): the
-        # forward keeps a 64-row S tile at 4 warps without spilling up to 128 x 128 K/V tiles; the
-        # backward also holds dK, dV accumulators, so it walks the queries in smaller blocks.
-        if backward:
-            block_m = 16 if (block_n <= 64 and block_d >= 128) else 32
-        else:
-            block_m = 64
+        # From ptxas register/spill reports for sm_90 (compiled without a GPU; not timed): 64-row query
+        # blocks fit without spilling except in the backward with a 128-key tile, which also holds 128-row
+        # dK, dV accumulators and walks the queries 16 rows at a time.
+        block_m = 16 if (backward and block_n >= 128) else 64
         block_m = min(block_m, _pow2(lq))
     bh = batch * heads
     if pairs is None:
-        # Enough programs to fill the GPU several times over; more pairs per program only when there
-        # are plenty, to amortise per-program setup when each pair is small.
+        # Several pairs per program only when each pair is tiny (Lk <= 32) and there are enough pairs to
+        # still fill the GPU several times over: ptxas reports for sm_90 show that a multi-pair loop roughly
+        # doubles register use (up to spilling) at larger tiles, which costs occupancy in a memory-bound kernel.
         sms = torch.cuda.get_device_properties(q.device).multi_processor_count if q.is_cuda else 132
-        pairs = max(1, min(8 if block_n <= 64 else 2, bh // (8 * sms)))
+        pairs = max(1, min(4, bh // (8 * sms))) if block_n <= 32 else 1
     num_warps = 8 if (backward and block_n * block_d >= 128 * 128) else 4
-    meta = dict(PAIRS=pairs, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d,
+    meta = dict(PAIRS=pairs, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, M_BLOCKS=triton.cdiv(lq, block_m),
                 UPCAST=not gpu, DOT_PREC="ieee" if q.dtype == torch.float32 else "tf32")
     launch = dict(num_warps=num_warps, num_stages=2) if gpu else {}
     return (triton.cdiv(bh, pairs),), meta, launch
@@ -223,6 +225,7 @@ def attention_triton(q, k, v, key_padding_mask=None, scale=None, **config):
 
 
 def compile_for_gpu(dtype: torch.dtype, lq: int, lk: int, dh: int, *, backward: bool, has_mask: bool = True,
+                    batch: int = 4096, heads: int = 8, pairs: int | None = None, block_m: int | None = None,
                     arch: int = 90):
     """Compiles the kernel the launcher would pick for these sizes, for CUDA `arch`, without a GPU (needs
     TRITON_INTERPRET unset; Triton's bundled ptxas). Catches what the interpreter does not check (tile
@@ -231,9 +234,9 @@ def compile_for_gpu(dtype: torch.dtype, lq: int, lk: int, dh: int, *, backward: 
     from triton.compiler import ASTSource
 
     kernel = _attn_bwd_kernel if backward else _attn_fwd_kernel
-    q = torch.empty(64, 8, lq, dh, dtype=dtype, device="meta")
-    k = torch.empty(64, 8, lk, dh, dtype=dtype, device="meta")
-    _, meta, launch = _config(q, k, backward, None, None, gpu=True)
+    q = torch.empty(batch, heads, lq, dh, dtype=dtype, device="meta")
+    k = torch.empty(batch, heads, lk, dh, dtype=dtype, device="meta")
+    _, meta, launch = _config(q, k, backward, pairs, block_m, gpu=True)
     element = {torch.float16: "*fp16", torch.bfloat16: "*bf16", torch.float32: "*fp32"}[dtype]
     constexprs = dict(meta, HAS_MASK=has_mask)
     signature = {}
