@@ -129,8 +129,9 @@ def _modules(batch, length, masked, backward):
     mha = nn.MultiheadAttention(embed, HEADS, batch_first=True, device=DEVICE, dtype=DTYPE)
     ours = vk.nn.MultiheadSelfAttention.from_torch(mha)
     x = torch.randn(batch, length, embed, device=DEVICE, dtype=DTYPE, requires_grad=backward)
-    pad = _inputs(1, length, False, False)[3] if not masked else (
-        torch.arange(length, device=DEVICE)[None, :] >= torch.randint(5, length + 1, (batch, 1), device=DEVICE))
+    pad = None
+    if masked:
+        pad = torch.arange(length, device=DEVICE)[None, :] >= torch.randint(5, length + 1, (batch, 1), device=DEVICE)
     grad = torch.randn_like(x) if backward else None
 
     def make(module, call):

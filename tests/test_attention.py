@@ -112,6 +112,15 @@ def test_expanded_incoming_gradient():
         assert_close(g, e)
 
 
+@pytest.mark.parametrize("shape", [(0, 2, 3, 4, 8), (2, 2, 3, 0, 8), (2, 2, 0, 4, 8)])
+def test_empty_inputs(shape):
+    q, k, v, _ = make_inputs(*shape)
+    out = multi_head_attention(q, k, v)
+    assert out.shape == q.shape and (out == 0).all()   # no keys: every row is "fully masked"
+    grads = torch.autograd.grad(out.sum(), (q, k, v))
+    assert all(g.shape == t.shape and (g == 0).all() for g, t in zip(grads, (q, k, v)))
+
+
 def test_gradcheck_float64():
     q, k, v, pad = make_inputs(2, 2, 3, 5, 4, dtype=torch.float64, mask="full_rows")
     assert torch.autograd.gradcheck(lambda a, b, c: multi_head_attention(a, b, c, key_padding_mask=pad), (q, k, v))
@@ -206,6 +215,7 @@ def _launch(q, k, v, pad, scale, grad, **config):
     ((2, 2, 36, 36, 32), None, {}),                                  # default config
     ((1, 3, 5, 60, 16), "random", dict(pairs=2)),                    # words: Lk padded to 64
     ((2, 1, 1, 1, 16), None, {}),
+    ((2, 3, 9, 5, 8), "random", {}),                                 # Dh < 16: padded tile
     ((1, 1, 33, 128, 128), "random", {}),                            # the largest tile
 ])
 def test_triton_kernels_match_reference(shape, mask, config):
