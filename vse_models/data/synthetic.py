@@ -53,7 +53,7 @@ TEMPLATES_TWO_GROUPS = ["{a} and {b}", "{a} and {b} in the picture", "a picture 
 @dataclass(frozen=True)
 class SyntheticConfig:
     seed: int = 0
-    n_train: int = 3000
+    n_train: int = 2000
     n_dev: int = 1000
     n_test: int = 1000
     captions_per_image: int = 5
