@@ -101,7 +101,12 @@ def encode_split(model, split: Split, batch_size: int = 256, device=None, autoca
                     for idx in sequential_batches(split.n_captions, batch_size)]
     finally:
         model.train(was_training)
-    return cat_embeddings(imgs), cat_embeddings(txts)
+    # Scores are computed in float32 outside autocast, whatever precision the encoders ran in.
+    return _float(cat_embeddings(imgs)), _float(cat_embeddings(txts))
+
+
+def _float(emb):
+    return emb.float() if isinstance(emb, torch.Tensor) else type(emb)(e.float() for e in emb)
 
 
 def _num_items(emb) -> int:
