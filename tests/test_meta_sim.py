@@ -375,3 +375,78 @@ def test_cpu_memory_3000x3000():
     growth = rss_growth_mib(setup, call)
     # S 36 MB, arg-max 144 MB, S's gradient, normalised copies and gradients ~15 MB each, 16-32 MB blocks
     assert growth < 1000, f"peak RSS grew by {growth:.0f} MiB"
+
+
+# ---------------------------------------------------------------- GPU lowering, checked without a GPU
+
+_SM90_SCRIPT = r"""
+import sys, triton
+from triton.compiler import ASTSource
+from triton.backends.compiler import GPUTarget
+from vse_kernels.ops.meta_sim import triton_kernels as tk
+
+TARGET, SMEM_LIMIT = GPUTarget("cuda", 90, 32), 232448  # H100: 227 KB of shared memory per block
+UNIT_STRIDES = {"fwd": ["s_id", "s_td", "s_sb", "s_xq"], "img": ["s_gb", "s_xq", "s_td", "s_od"],
+                "txt": ["s_gb", "s_xq", "s_id", "s_od"]}
+KERNELS = {"fwd": tk._meta_sim_fwd_kernel, "img": tk._meta_sim_bwd_img_kernel, "txt": tk._meta_sim_bwd_txt_kernel}
+
+def build(kind, dtype, consts, warps, stages):
+    # Mirrors what the JIT specialises for contiguous inputs: unit strides are 1, others divisible by 16.
+    fn = KERNELS[kind]
+    consts = {**consts, **{name: 1 for name in UNIT_STRIDES[kind]}}
+    signature, attrs = {}, {}
+    for index, name in enumerate(fn.arg_names):
+        if name in consts:
+            signature[name] = "constexpr"
+        elif name.endswith("_ptr"):
+            signature[name] = {"scores_ptr": "*fp32", "grad_ptr": "*fp32", "argmax_ptr": "*i32"}.get(name, "*" + dtype)
+            attrs[(index,)] = [["tt.divisibility", 16]]
+        else:
+            signature[name] = "i32"
+            if name.startswith("s_") or name == "D":
+                attrs[(index,)] = [["tt.divisibility", 16]]
+    src = ASTSource(fn=fn, signature=signature, attrs=attrs,
+                    constexprs={(fn.arg_names.index(k),): v for k, v in consts.items()})
+    kernel = triton.compile(src, target=TARGET, options={"num_warps": warps, "num_stages": stages})
+    ptx = kernel.asm["ptx"]
+    problems = []
+    if kernel.metadata.shared > SMEM_LIMIT:
+        problems.append(f"shared memory {kernel.metadata.shared} B")
+    if "st.local" in ptx:
+        problems.append("register spills")
+    if dtype != "fp32" and "wgmma" not in ptx and "mma.sync" not in ptx:
+        problems.append("no tensor-core instructions")
+    print(kind, dtype, consts, warps, stages, kernel.metadata.shared, problems or "ok", flush=True)
+    return problems
+
+failures = []
+for dtype in ("bf16", "fp32"):
+    half = dtype != "fp32"
+    flags = dict(UPCAST=not half, PRECISION="tf32" if half else "ieee")
+    for m, q in [(12, 2), (8, 4), (1, 1)] if half else [(12, 2), (1, 1)]:
+        mp, qp, bi, bt = tk._tiles(m, q, None, None)
+        configs = [dict(BI=bi, BT=bt, BK=64 if half else 32, _w=8, _s=3)]
+        if (m, q) == (12, 2) and half:  # fp32 tiles are a subset, sized down
+            configs += [dict(**c.kwargs, _w=c.num_warps, _s=c.num_stages) for c in tk._tuned_forward(mp, qp, half).configs]
+        for c in configs:
+            w, s = c.pop("_w"), c.pop("_s")
+            failures += build("fwd", dtype, dict(MP=mp, QP=qp, WITH_ARGMAX=True, **flags, **c), w, s)
+        mp, qp, bi, bt = tk._backward_tiles(m, q)
+        for kind in ("img", "txt"):
+            failures += build(kind, dtype, dict(MP=mp, QP=qp, BI=bi, BT=bt, BD=64, **flags), 8, 3)
+sys.exit(1 if failures else 0)
+"""
+
+
+@pytest.mark.slow
+def test_triton_kernels_lower_for_h100():
+    """Compiles every default and autotuning tile for sm_90 (no GPU needed): each must fit the H100's
+    shared memory, not spill registers, and use tensor cores for bf16. Catches what the interpreter cannot."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    result = subprocess.run([sys.executable, "-c", _SM90_SCRIPT], capture_output=True, text=True, env=env,
+                            timeout=900)
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]

@@ -18,6 +18,7 @@ upcast to fp32 after loading: the interpreter mis-computes raw bf16 dots (SPEC Â
 
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -102,15 +103,19 @@ def _meta_sim_bwd_img_kernel(
     cols = tl.arange(0, C)
     j = cols % QP
 
+    # W is built from compact (BI, C) tiles of dS and arg-max broadcast over the MP units in registers:
+    # loading it as a gathered (R, C) tile would pipeline MP times more data through shared memory.
+    ai = (pid_i * BI + tl.arange(0, BI)).to(tl.int64)
+    units = tl.arange(0, MP)[None, :, None]
     acc = tl.zeros((R, BD), dtype=tl.float32)
     for t0 in range(0, NT, BT):
         b = (t0 + cols // QP).to(tl.int64)
         col_ok = (b < NT) & (j < Q)
-        pair_ok = (a < NI)[:, None] & col_ok[None, :]
-        g = tl.load(grad_ptr + a[:, None] * s_ga + b[None, :] * s_gb, mask=pair_ok, other=0.0)
-        unit = tl.load(argmax_ptr + a[:, None] * s_xa + b[None, :] * s_xb + j[None, :] * s_xq,
+        pair_ok = (ai < NI)[:, None] & col_ok[None, :]
+        g = tl.load(grad_ptr + ai[:, None] * s_ga + b[None, :] * s_gb, mask=pair_ok, other=0.0)  # (BI, C)
+        unit = tl.load(argmax_ptr + ai[:, None] * s_xa + b[None, :] * s_xb + j[None, :] * s_xq,
                        mask=pair_ok, other=-1)
-        w = tl.where(unit == i[:, None], g, 0.0)  # (R, C)
+        w = tl.reshape(tl.where(unit[:, None, :] == units, g[:, None, :], 0.0), (R, C))
         y = tl.load(txt_ptr + b[:, None] * s_tb + j[:, None] * s_tq + k[None, :] * s_td,
                     mask=col_ok[:, None] & k_ok[None, :], other=0.0)  # (C, BD)
         if UPCAST:
@@ -146,15 +151,17 @@ def _meta_sim_bwd_txt_kernel(
     rows = tl.arange(0, R)
     i = rows % MP
 
+    units = tl.arange(0, MP)[None, None, :]
     acc = tl.zeros((C, BD), dtype=tl.float32)
     for a0 in range(0, NI, BI):
         a = (a0 + rows // MP).to(tl.int64)
         row_ok = (a < NI) & (i < M)
-        pair_ok = col_ok[:, None] & (a < NI)[None, :]
-        g = tl.load(grad_ptr + a[None, :] * s_ga + b[:, None] * s_gb, mask=pair_ok, other=0.0)
-        unit = tl.load(argmax_ptr + a[None, :] * s_xa + b[:, None] * s_xb + j[:, None] * s_xq,
+        ai = (a0 + tl.arange(0, BI)).to(tl.int64)
+        pair_ok = col_ok[:, None] & (ai < NI)[None, :]
+        g = tl.load(grad_ptr + ai[None, :] * s_ga + b[:, None] * s_gb, mask=pair_ok, other=0.0)  # (C, BI)
+        unit = tl.load(argmax_ptr + ai[None, :] * s_xa + b[:, None] * s_xb + j[:, None] * s_xq,
                        mask=pair_ok, other=-1)
-        w = tl.where(unit == i[None, :], g, 0.0)  # (C, R) = W^T
+        w = tl.reshape(tl.where(unit[:, :, None] == units, g[:, :, None], 0.0), (C, R))  # W^T
         x = tl.load(img_ptr + a[:, None] * s_ia + i[:, None] * s_im + k[None, :] * s_id,
                     mask=row_ok[:, None] & k_ok[None, :], other=0.0)  # (R, BD)
         if UPCAST:
@@ -183,6 +190,35 @@ def _tiles(m: int, q: int, tile_rows: int | None, tile_cols: int | None) -> tupl
     return mp, qp, bi, bt
 
 
+# Large forwards (>= 4 GFLOP: 512^2 training and up) pick their tile among these (unit rows, unit columns,
+# BK, warps, stages) once per (M, Q, d, dtype); set VSE_KERNELS_META_SIM_AUTOTUNE=0 for the fixed default
+# tile, e.g. for bitwise reproducibility across processes (tuning may pick another tile next time).
+AUTOTUNE = os.environ.get("VSE_KERNELS_META_SIM_AUTOTUNE", "1") != "0"
+_FORWARD_CONFIGS = [(128, 128, 64, 8, 3), (128, 128, 64, 4, 4), (128, 256, 64, 8, 3), (256, 128, 64, 8, 3),
+                    (64, 256, 64, 4, 4), (128, 128, 128, 8, 2)]
+
+
+@functools.cache
+def _tuned_forward(mp: int, qp: int, half: bool):
+    configs, seen = [], set()
+    for rows, cols, bk, warps, stages in _FORWARD_CONFIGS:
+        bi, bt = max(1, rows // mp, 16 // mp), max(1, cols // qp, 16 // qp)
+        bk = bk if half else 32  # fp32 tiles take twice the shared memory
+        if (bi, bt, bk, warps, stages) not in seen:
+            seen.add((bi, bt, bk, warps, stages))
+            configs.append(triton.Config({"BI": bi, "BT": bt, "BK": bk}, num_warps=warps, num_stages=stages))
+    return triton.autotune(configs, key=["M", "Q", "D"])(_meta_sim_fwd_kernel)
+
+
+def _backward_tiles(m: int, q: int, tile_rows: int | None = None, tile_cols: int | None = None):
+    """Like _tiles, but the (BI, BT*QP) dS and arg-max tiles, which go through shared memory once per
+    pipeline stage, are capped (M = Q = 1 would otherwise need ~280 KB, more than an H100 SM has)."""
+    mp, qp, bi, bt = _tiles(m, q, tile_rows, tile_cols)
+    while bi * bt * qp > 2048 and bi * mp > 16:
+        bi //= 2
+    return mp, qp, bi, bt
+
+
 def _precision(dtype: torch.dtype) -> str:
     """fp32 inputs: exact "ieee" dots unless the user allowed TF32 for matmuls (torch's own switch)."""
     if dtype == torch.float32 and not INTERPRET and torch.backends.cuda.matmul.allow_tf32:
@@ -206,16 +242,19 @@ def meta_sim_forward(img: torch.Tensor, txt: torch.Tensor, with_argmax: bool, *,
     argmax = torch.empty((ni, nt, q) if with_argmax else (0,), dtype=torch.int32, device=img.device)
     if ni == 0 or nt == 0:
         return scores, argmax
-    mp, qp, bi, bt = _tiles(m, q, tile_rows, tile_cols)
     upcast = INTERPRET or img.dtype == torch.float32
     half = img.dtype != torch.float32
-    arg_strides = argmax.stride() if with_argmax else (0, 0, 0)
-    grid = (triton.cdiv(ni, bi), triton.cdiv(nt, bt))
-    _meta_sim_fwd_kernel[grid](
-        img, txt, scores, argmax, ni, nt, m, q, d,
-        *img.stride(), *txt.stride(), *scores.stride(), *arg_strides,
-        MP=mp, QP=qp, BI=bi, BT=bt, BK=64 if half and not INTERPRET else 32,
-        WITH_ARGMAX=with_argmax, UPCAST=upcast, PRECISION=_precision(img.dtype),
+    args = (img, txt, scores, argmax, ni, nt, m, q, d, *img.stride(), *txt.stride(), *scores.stride(),
+            *(argmax.stride() if with_argmax else (0, 0, 0)))
+    flags = dict(WITH_ARGMAX=with_argmax, UPCAST=upcast, PRECISION=_precision(img.dtype))
+    if AUTOTUNE and not INTERPRET and tile_rows is None and tile_cols is None and 2 * ni * nt * m * q * d >= 2**32:
+        mp, qp = _pow2(m), _pow2(q)
+        kernel = _tuned_forward(mp, qp, half)
+        kernel[lambda meta: (triton.cdiv(ni, meta["BI"]), triton.cdiv(nt, meta["BT"]))](*args, MP=mp, QP=qp, **flags)
+        return scores, argmax
+    mp, qp, bi, bt = _tiles(m, q, tile_rows, tile_cols)
+    _meta_sim_fwd_kernel[(triton.cdiv(ni, bi), triton.cdiv(nt, bt))](
+        *args, MP=mp, QP=qp, BI=bi, BT=bt, BK=64 if half and not INTERPRET else 32, **flags,
         **({} if INTERPRET else {"num_warps": 8, "num_stages": 3}))
     return scores, argmax
 
@@ -232,7 +271,7 @@ def meta_sim_backward(grad: torch.Tensor, img: torch.Tensor, txt: torch.Tensor, 
     grad_txt = torch.empty((nt, q, d), dtype=txt.dtype, device=txt.device)
     if ni == 0 or nt == 0:
         return grad_img, grad_txt
-    mp, qp, bi, bt = _tiles(m, q, tile_rows, tile_cols)
+    mp, qp, bi, bt = _backward_tiles(m, q, tile_rows, tile_cols)
     bd = block_d or (32 if INTERPRET else 64)
     upcast = INTERPRET or img.dtype == torch.float32
     meta = dict(MP=mp, QP=qp, BI=bi, BT=bt, BD=bd, UPCAST=upcast, PRECISION=_precision(img.dtype),
