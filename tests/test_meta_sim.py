@@ -226,6 +226,17 @@ def test_chunked_evaluation(device, normalize):
 
 
 @pytest.mark.cuda
+def test_cuda_autocast_uses_half_kernels():
+    img, txt = leaf((6, 3, 64), "cuda", torch.float32), leaf((5, 2, 64), "cuda", torch.float32)
+    with torch.autocast("cuda", dtype=torch.float16):
+        out = vk.meta_sim(img, txt)
+    assert out.dtype == torch.float32
+    assert_close(out, reference(img.half(), txt.half()), dtype=torch.float16)
+    out.sum().backward()
+    assert img.grad.dtype == torch.float32 and txt.grad.dtype == torch.float32
+
+
+@pytest.mark.cuda
 def test_chunked_evaluation_cpu_inputs_on_gpu():
     img, txt = torch.randn(9, 2, 64), torch.randn(14, 2, 64)
     out = meta_sim_chunked(img, txt, chunk_size=(4, 6), device="cuda")
@@ -427,7 +438,8 @@ for dtype in ("bf16", "fp32"):
         mp, qp, bi, bt = tk._tiles(m, q, None, None)
         configs = [dict(BI=bi, BT=bt, BK=64 if half else 32, _w=8, _s=3)]
         if (m, q) == (12, 2) and half:  # fp32 tiles are a subset, sized down
-            configs += [dict(**c.kwargs, _w=c.num_warps, _s=c.num_stages) for c in tk._tuned_forward(mp, qp, half).configs]
+            tuned = tk._tuned_forward(mp, qp, half).configs
+            configs += [dict(**c.kwargs, _w=c.num_warps, _s=c.num_stages) for c in tuned]
         for c in configs:
             w, s = c.pop("_w"), c.pop("_s")
             failures += build("fwd", dtype, dict(MP=mp, QP=qp, WITH_ARGMAX=True, **flags, **c), w, s)

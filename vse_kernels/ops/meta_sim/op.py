@@ -125,14 +125,19 @@ def meta_sim(img: torch.Tensor, txt: torch.Tensor, block_dim: int | None = None,
     S[a, b] = sum_j max_i <img_unit[a, i], txt_unit[b, j]>: max over the image's M units, sum over the
     text's Q units. img: (Ni, Di) split into units of block_dim (default 256), or (Ni, M, d) units; txt
     likewise. normalize=True L2-normalises every unit first (cosine). The result is float32 (float64 for
-    float64 inputs). The gradient of the max goes to one arg-max unit, the lowest index on ties. The
-    (Ni, Nt, M, Q) unit tensor is never built: extra memory is O(Ni*Nt), plus O(Ni*Nt*Q) for the saved
-    arg-max when a gradient is needed.
+    float64 inputs); under CUDA autocast the dot products use the autocast dtype. The gradient of the
+    max goes to one arg-max unit, the lowest index on ties. The (Ni, Nt, M, Q) unit tensor is never
+    built: extra memory is O(Ni*Nt), plus O(Ni*Nt*Q) for the saved arg-max when a gradient is needed.
+    CUDA float16/bfloat16/float32 run fused Triton kernels; CPU tensors a blocked PyTorch implementation.
     """
     img_units, txt_units = prepare_units(img, txt, block_dim)
     if normalize:
         img_units = F.normalize(img_units, dim=-1, eps=1e-12)
         txt_units = F.normalize(txt_units, dim=-1, eps=1e-12)
+    if img_units.device.type == "cuda" and torch.is_autocast_enabled("cuda"):
+        # Under CUDA AMP the unit dot products run in the autocast dtype, as einsum's would (output stays fp32).
+        dtype = torch.get_autocast_dtype("cuda")
+        img_units, txt_units = img_units.to(dtype), txt_units.to(dtype)
     with_argmax = torch.is_grad_enabled() and (img_units.requires_grad or txt_units.requires_grad)
     scores, _ = torch.ops.vse_kernels.meta_sim_fwd(img_units, txt_units, with_argmax)
     return scores
