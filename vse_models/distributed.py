@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+import torch.distributed.nn  # noqa: F401  (the autograd-aware collectives: dist.nn.functional)
 from torch import nn
 
 
