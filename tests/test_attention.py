@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import vse_kernels as vk
-from vse_kernels.ops.attention import multi_head_attention, multi_head_attention_reference
+from vse_kernels.ops.attention import multi_head_attention, multi_head_attention_reference, packed_self_attention
 from vse_kernels.ops.attention import op as attention_op
 from utils import assert_close, assert_matches_reference, relative_error, values_and_grads
 
@@ -159,6 +159,45 @@ def test_torch_compile_fullgraph():
         assert_close(g, e)
 
 
+def _packed_reference(heads, pad):
+    def run(qkv):
+        batch, length, width = qkv.shape
+        q, k, v = qkv.unflatten(-1, (3, heads, width // (3 * heads))).permute(2, 0, 3, 1, 4)
+        return multi_head_attention_reference(q, k, v, pad).transpose(1, 2).reshape(batch, length, width // 3)
+    return run
+
+
+@pytest.mark.parametrize("backend", ["math", pytest.param("triton", marks=pytest.mark.triton_interpret)])
+def test_packed_self_attention(backend, monkeypatch):
+    monkeypatch.setattr(attention_op, "_TRITON_ON_CPU", backend == "triton")
+    qkv = torch.randn(3, 7, 3 * 2 * 16, requires_grad=True)
+    pad = torch.rand(3, 7) < 0.3
+    pad[1] = True
+    assert_matches_reference(lambda t: packed_self_attention(t, 2, key_padding_mask=pad), _packed_reference(2, pad),
+                             [qkv])
+    out = packed_self_attention(qkv, 2, key_padding_mask=pad)
+    assert out.shape == (3, 7, 32) and out.is_contiguous() and (out[1] == 0).all()
+    (grad,) = torch.autograd.grad(out.sum(), qkv)     # expanded incoming gradient; packed, contiguous result
+    assert grad.is_contiguous()
+    assert_close(grad, torch.autograd.grad(_packed_reference(2, pad)(qkv).sum(), qkv)[0])
+
+
+def test_packed_opcheck_and_validation():
+    qkv = torch.randn(2, 5, 3 * 2 * 8, requires_grad=True)
+    pad = torch.rand(2, 5) < 0.4
+    pad[0] = True
+    torch.library.opcheck(torch.ops.vse_kernels.attention_packed_fwd.default, (qkv, pad, 2, 0.3))
+    out, lse = torch.ops.vse_kernels.attention_packed_fwd(qkv.detach(), pad, 2, 0.3)
+    torch.library.opcheck(torch.ops.vse_kernels.attention_packed_bwd.default,
+                          (torch.randn_like(out), qkv.detach(), pad, out, lse, 2, 0.3))
+    with pytest.raises(ValueError, match=r"qkv must have shape \(B, L, 3·num_heads·Dh\), got \(2, 5, 48\) with num_heads=5"):
+        packed_self_attention(qkv, 5)
+    with pytest.raises(ValueError, match=r"qkv must be 3-D"):
+        packed_self_attention(qkv[0], 2)
+    with pytest.raises(ValueError, match=r"key_padding_mask must have shape \(B, Lk\) = \(2, 5\), got \(2, 4\)"):
+        packed_self_attention(qkv, 2, key_padding_mask=pad[:, :4])
+
+
 def _bad(**changes):
     q, k, v, pad = (t.detach() if t is not None else None for t in make_inputs(2, 3, 4, 5, 8, mask="random"))
     args = dict(q=q, k=k, v=v, key_padding_mask=pad, scale=None)
@@ -267,7 +306,14 @@ def test_triton_module_matches_torch(triton_on_cpu):
     x = torch.randn(2, 9, 32)
     pad = torch.zeros(2, 9, dtype=torch.bool)
     pad[1, 6:] = True
-    assert_close(module(x, pad), mha(x, x, x, key_padding_mask=pad, need_weights=False)[0])
+    x.requires_grad_()
+    ours = module(x, pad)
+    theirs = mha(x, x, x, key_padding_mask=pad, need_weights=False)[0]
+    assert_close(ours, theirs)
+    grad = torch.randn_like(ours)
+    for a, b in zip(torch.autograd.grad(ours, [x, module.in_proj_weight], grad),
+                    torch.autograd.grad(theirs, [x, mha.in_proj_weight], grad)):
+        assert_close(a, b, scale=2)
 
 
 _COMPILE_SCRIPT = textwrap.dedent("""
@@ -448,6 +494,8 @@ def test_cuda_module_matches_nn_multihead_attention(dtype):
 def test_cuda_compile_and_opcheck():
     q, k, v, pad = make_inputs(4, 8, 36, 20, 64, dtype=torch.bfloat16, mask="full_rows", device="cuda")
     torch.library.opcheck(torch.ops.vse_kernels.attention_fwd.default, (q, k, v, pad, 0.125))
+    qkv = torch.randn(4, 20, 3 * 8 * 64, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    torch.library.opcheck(torch.ops.vse_kernels.attention_packed_fwd.default, (qkv, pad, 8, 0.125))
     fn = lambda a, b, c: multi_head_attention(a, b, c, key_padding_mask=pad)
     grad = torch.randn_like(q)
     compiled = values_and_grads(torch.compile(fn, fullgraph=True), [q, k, v], grad)

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .._checks import check_tensor
-from ..ops.attention import multi_head_attention
+from ..ops.attention import packed_self_attention
 
 
 class MultiheadSelfAttention(nn.Module):
@@ -82,12 +82,11 @@ class MultiheadSelfAttention(nn.Module):
         batch, length, embed = x.shape
         if embed != self.embed_dim:
             raise ValueError(f"x must have shape (B, L, {self.embed_dim}), got {tuple(x.shape)}")
-        qkv = F.linear(x, self.in_proj_weight, self.in_proj_bias).view(batch, length, 3, self.num_heads, self.head_dim)
-        # (B, H, L, Dh) views of the packed projection: the kernels take strides, so nothing is copied,
-        # and the output comes back (B, L, H, Dh)-ordered, so merging the heads is a view too.
-        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
-        out = multi_head_attention(q, k, v, key_padding_mask=key_padding_mask)
-        return self.out_proj(out.transpose(1, 2).reshape(batch, length, embed))
+        qkv = F.linear(x, self.in_proj_weight, self.in_proj_bias)
+        # The kernels read q, k, v as strided views of the packed projection and write the merged-head
+        # (B, L, E) output (and, backward, the packed (B, L, 3E) gradient) directly: no copies.
+        out = packed_self_attention(qkv, self.num_heads, key_padding_mask=key_padding_mask)
+        return self.out_proj(out)
 
     def extra_repr(self) -> str:
         return f"embed_dim={self.embed_dim}, num_heads={self.num_heads}, bias={self.in_proj_bias is not None}"

@@ -3,6 +3,9 @@
 Ops (opaque to torch.compile; each picks its implementation at run time):
   vse_kernels::attention_fwd(q, k, v, key_padding_mask?, scale) -> (out, lse)
   vse_kernels::attention_bwd(grad_out, q, k, v, key_padding_mask?, out, lse, scale) -> (dq, dk, dv)
+  vse_kernels::attention_packed_fwd(qkv, key_padding_mask?, num_heads, scale) -> (out, lse)
+  vse_kernels::attention_packed_bwd(grad_out, qkv, key_padding_mask?, out, lse, num_heads, scale) -> dqkv
+(the packed pair serves the module: (B, L, 3E) in, (B, L, E) out, no head split/merge copies).
 lse is the per-query-row natural log-sum-exp of the scaled, masked scores ((B, H, Lq), float32, float64
 for float64 inputs), +inf on fully-masked rows; it is internal (not differentiable).
 
@@ -64,16 +67,35 @@ def _math_probs(q, k, mask, scale, lse=None):
     return torch.exp(s - lse[..., None]), lse
 
 
+def _forward_into(q, k, v, key_padding_mask, scale, out) -> Tensor:
+    """Writes the attention of (B, H, L, Dh) views into `out` (any strides); returns lse."""
+    if _use_triton(q, k):
+        return _kernels().attention_forward(q, k, v, key_padding_mask, scale, out)
+    p, lse = _math_probs(q, k, key_padding_mask, scale)
+    out.copy_(torch.matmul(p, v.to(p.dtype)))
+    return lse
+
+
+def _backward_into(grad_out, q, k, v, key_padding_mask, out, lse, scale, dq, dk, dv) -> None:
+    if _use_triton(q, k):
+        _kernels().attention_backward(grad_out, q, k, v, key_padding_mask, out, lse, scale, dq, dk, dv)
+        return
+    p, _ = _math_probs(q, k, key_padding_mask, scale, lse)
+    work = p.dtype
+    g = grad_out.to(work)
+    dp = torch.matmul(g, v.to(work).transpose(-2, -1))
+    # rowsum(P ⊙ dP) = rowsum(dO ⊙ O) exactly, without the rounding of the stored (low-precision) out
+    ds = p * (dp - (p * dp).sum(dim=-1, keepdim=True))
+    dq.copy_(torch.matmul(ds, k.to(work)) * scale)
+    dk.copy_(torch.matmul(ds.transpose(-2, -1), q.to(work)) * scale)
+    dv.copy_(torch.matmul(p.transpose(-2, -1), g))
+
+
 @torch.library.custom_op("vse_kernels::attention_fwd", mutates_args=())
 def _attention_fwd(q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Optional[Tensor],
                    scale: float) -> tuple[Tensor, Tensor]:
     out = _empty_in_layout(q)
-    if _use_triton(q, k):
-        lse = _kernels().attention_forward(q, k, v, key_padding_mask, scale, out)
-        return out, lse
-    p, lse = _math_probs(q, k, key_padding_mask, scale)
-    out.copy_(torch.matmul(p, v.to(p.dtype)))
-    return out, lse
+    return out, _forward_into(q, k, v, key_padding_mask, scale, out)
 
 
 @_attention_fwd.register_fake
@@ -85,18 +107,7 @@ def _(q, k, v, key_padding_mask, scale):
 def _attention_bwd(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Optional[Tensor],
                    out: Tensor, lse: Tensor, scale: float) -> tuple[Tensor, Tensor, Tensor]:
     dq, dk, dv = _empty_in_layout(q), _empty_in_layout(k), _empty_in_layout(v)
-    if _use_triton(q, k):
-        _kernels().attention_backward(grad_out, q, k, v, key_padding_mask, out, lse, scale, dq, dk, dv)
-        return dq, dk, dv
-    p, _ = _math_probs(q, k, key_padding_mask, scale, lse)
-    work = p.dtype
-    g = grad_out.to(work)
-    dp = torch.matmul(g, v.to(work).transpose(-2, -1))
-    # rowsum(P ⊙ dP) = rowsum(dO ⊙ O) exactly, without the rounding of the stored (low-precision) out
-    ds = p * (dp - (p * dp).sum(dim=-1, keepdim=True))
-    dq.copy_(torch.matmul(ds, k.to(work)) * scale)
-    dk.copy_(torch.matmul(ds.transpose(-2, -1), q.to(work)) * scale)
-    dv.copy_(torch.matmul(p.transpose(-2, -1), g))
+    _backward_into(grad_out, q, k, v, key_padding_mask, out, lse, scale, dq, dk, dv)
     return dq, dk, dv
 
 
@@ -120,6 +131,64 @@ def _backward(ctx, grad_out, _grad_lse):
 
 
 _attention_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+# Packed self-attention for the module: qkv (B, L, 3E) straight from the input projection, out (B, L, E)
+# straight into the output projection, dqkv (B, L, 3E) written in place by the backward kernel. Saves
+# the copies that autograd would otherwise make to stack dq, dk, dv back into the packed layout.
+
+def _split_heads(packed: Tensor, parts: int, num_heads: int) -> list[Tensor]:
+    """(B, L, parts·E) -> `parts` (B, H, L, Dh) views (heads inside sequence: no copy)."""
+    batch, length, width = packed.shape
+    head_dim = width // (parts * num_heads)
+    return list(packed.unflatten(-1, (parts, num_heads, head_dim)).permute(2, 0, 3, 1, 4).unbind(0))
+
+
+@torch.library.custom_op("vse_kernels::attention_packed_fwd", mutates_args=())
+def _attention_packed_fwd(qkv: Tensor, key_padding_mask: Optional[Tensor], num_heads: int,
+                          scale: float) -> tuple[Tensor, Tensor]:
+    q, k, v = _split_heads(qkv, 3, num_heads)
+    out = qkv.new_empty(qkv.shape[:2] + (qkv.size(2) // 3,))
+    return out, _forward_into(q, k, v, key_padding_mask, scale, _split_heads(out, 1, num_heads)[0])
+
+
+@_attention_packed_fwd.register_fake
+def _(qkv, key_padding_mask, num_heads, scale):
+    batch, length, width = qkv.shape
+    return qkv.new_empty((batch, length, width // 3)), qkv.new_empty((batch, num_heads, length), dtype=_lse_dtype(qkv))
+
+
+@torch.library.custom_op("vse_kernels::attention_packed_bwd", mutates_args=())
+def _attention_packed_bwd(grad_out: Tensor, qkv: Tensor, key_padding_mask: Optional[Tensor], out: Tensor,
+                          lse: Tensor, num_heads: int, scale: float) -> Tensor:
+    dqkv = torch.empty_like(qkv, memory_format=torch.contiguous_format)
+    q, k, v = _split_heads(qkv, 3, num_heads)
+    (g,), (o,) = _split_heads(grad_out, 1, num_heads), _split_heads(out, 1, num_heads)
+    _backward_into(g, q, k, v, key_padding_mask, o, lse, scale, *_split_heads(dqkv, 3, num_heads))
+    return dqkv
+
+
+@_attention_packed_bwd.register_fake
+def _(grad_out, qkv, key_padding_mask, out, lse, num_heads, scale):
+    return torch.empty_like(qkv, memory_format=torch.contiguous_format)
+
+
+def _packed_setup_context(ctx, inputs, output):
+    qkv, key_padding_mask, num_heads, scale = inputs
+    out, lse = output
+    ctx.save_for_backward(qkv, key_padding_mask, out, lse)
+    ctx.num_heads, ctx.scale = num_heads, scale
+    ctx.mark_non_differentiable(lse)
+
+
+def _packed_backward(ctx, grad_out, _grad_lse):
+    qkv, key_padding_mask, out, lse = ctx.saved_tensors
+    dqkv = torch.ops.vse_kernels.attention_packed_bwd(grad_out, qkv, key_padding_mask, out, lse,
+                                                       ctx.num_heads, ctx.scale)
+    return dqkv, None, None, None
+
+
+_attention_packed_fwd.register_autograd(_packed_backward, setup_context=_packed_setup_context)
 
 
 def _validate(q, k, v, key_padding_mask, scale) -> float:
@@ -161,4 +230,20 @@ def multi_head_attention(q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Tens
     """
     scale = _validate(q, k, v, key_padding_mask, scale)
     out, _ = torch.ops.vse_kernels.attention_fwd(q, k, v, key_padding_mask, scale)
+    return out
+
+
+def packed_self_attention(qkv: Tensor, num_heads: int, key_padding_mask: Tensor | None = None,
+                          scale: float | None = None) -> Tensor:
+    """Self-attention on a packed projection: qkv (B, L, 3E) laid out [q | k | v], each E = H·Dh split
+    into heads like nn.MultiheadAttention; returns the merged-head output (B, L, E). Same semantics as
+    multi_head_attention on the split heads, without the copies of splitting and merging (used by
+    vse_kernels.nn.MultiheadSelfAttention)."""
+    check_tensor("qkv", qkv, ndim=3)
+    if isinstance(num_heads, bool) or not isinstance(num_heads, int) or num_heads <= 0 \
+            or qkv.size(2) % (3 * num_heads) != 0:
+        raise ValueError(f"qkv must have shape (B, L, 3·num_heads·Dh), got {tuple(qkv.shape)} with "
+                         f"num_heads={num_heads!r}")
+    scale = _validate(*_split_heads(qkv, 3, num_heads), key_padding_mask, scale)
+    out, _ = torch.ops.vse_kernels.attention_packed_fwd(qkv, key_padding_mask, num_heads, scale)
     return out

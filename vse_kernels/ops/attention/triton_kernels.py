@@ -1,8 +1,8 @@
 """Triton kernels for short-sequence multi-head attention (SPEC §2.3) and their launchers.
 
-One program owns whole (batch, head) pairs (PAIRS of them, one after another, so that small problems
-still give each program enough work): the entire key range of a pair (Lk <= MAX_LK) is one tile kept on
-chip, so the softmax is exact (no online rescaling) and the query rows are walked in blocks of BLOCK_M.
+One program owns whole (batch, head) pairs (PAIRS of them, one after another; several only when pairs
+are tiny, see _config): the entire key range of a pair (Lk <= MAX_LK) is one tile kept on chip, so the
+softmax is exact (no online rescaling) and the query rows are walked in blocks of BLOCK_M (usually one).
 Backward: the same program recomputes P from the saved log-sum-exp, writes dQ per query block and
 accumulates dK, dV for the whole key range in registers, so every output element is written by exactly
 one program: no atomics, deterministic. D_i = rowsum(dO ⊙ O) is computed in the backward kernel itself
@@ -14,12 +14,14 @@ which makes exp(s - lse) = 0 for every key, hence zero output and zero gradients
 
 Under TRITON_INTERPRET=1 (CPU tensors) tiles are upcast to fp32 after loading: the interpreter computes
 bf16 dots wrongly. On a GPU fp16/bf16 tiles go to the tensor cores with fp32 accumulation; fp32 inputs
-use input_precision="ieee" (not TF32) so fp32 results are as accurate as PyTorch's fp32 matmul.
+use input_precision="ieee" (not TF32) so fp32 results are as accurate as PyTorch's fp32 matmul (slower:
+no tensor cores; fp16/bf16 is the fast path).
+
+Launch configurations are untuned on hardware: they were chosen from ptxas register/spill reports of
+sm_90 builds made without a GPU (see compile_for_gpu); pass pairs=/block_m= to the launchers to tune.
 """
 
 from __future__ import annotations
-
-import math
 
 import torch
 import triton
@@ -28,7 +30,6 @@ import triton.language as tl
 MAX_LK = 128   # key range held in one tile; longer key sequences use the op's math path
 MAX_DH = 128
 _LOG2E = 1.4426950408889634
-_LN2 = 0.6931471805599453
 
 
 @triton.jit
