@@ -1,0 +1,147 @@
+"""AVSE (SPEC §3.2; Liu et al., AAAI 2025, code liuyyy111/AVSE): asymmetric visual-semantic embedding.
+
+An image gets V view embeddings (concatenated: (B, V·D)); a caption gets one (B, D). Both are cut into
+meta-semantic units of `meta_dim` and scored by AEOM, S(I, T) = sum_j max_i cos(unit_i(I), unit_j(T)),
+which is `vse_kernels.meta_sim(img, txt, block_dim=meta_dim)`. Training loss L = L_m + reg_weight·L_reg.
+
+Views:
+- regions (default): `GroupEncoder` — V = 6 learnable group tokens; each group keeps its top 80%
+  regions; shared projection (fc + residual MLP) -> one GPO -> L2 per view [paper supplement].
+- grids (`features="grids"`): `RBSEncoder` — radial bias sampling, V = 2 views, keep 0.8 (train) /
+  0.9 (eval), CLS always kept when present (set_size = s*s + 1, CLS first) [code].
+Text: word embedding -> BiGRU (halves averaged) -> fc(x) + MLP(x) on the valid words -> GPO -> L2.
+
+[ours] choices (the sources are silent or wrong):
+- group assignment: cosine between the projected regions and the tokens; hard top-k
+  (floor(0.8·n), at least 1) with a straight-through gate so the tokens receive a gradient;
+- RBS at evaluation: fixed centres, a hash of (image id, view, `rbs_seed`) — the release re-draws
+  them, which makes evaluation random; the stochastic variant (`rbs_mode="stochastic"`) samples
+  ∝ exp(-alpha·dist / s) in training only;
+- L_reg with V > 2 views: mean over consecutive view pairs (v, v+1); `reg_form="code"` is the
+  released code's C / B variant (default: the paper's);
+- Sinkhorn (`sinkhorn=True`, off by default): SuperGlue-style log-domain Sinkhorn with a learnable
+  dustbin (init 0) on each (V·q)×q unit block, A <- A·plan before max/sum. It needs the unit tensor,
+  so it runs the einsum path (`aeom_reference`) on both backends;
+- padding (dropped regions, padded words) never reaches the projections' BatchNorm;
+- `embed_size`, `meta_dim` and `num_views` default to the paper's (1024, 512 regions / 256 grids,
+  6 regions / 2 grids); the synthetic preset `configs/avse-synthetic.toml` shrinks D for CPU speed.
+
+`backend="reference"`: AEOM by einsum and L_m by `losses.hinge_triplet_loss_reference` — pure
+PyTorch, vse_kernels is never imported (the kernels path imports it lazily).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..avse_parts import GroupEncoder, RBSEncoder, aeom_reference, project_set, view_regularizer
+from ..layers import GPO, BiGRUTextEncoder, RegionEncoder, drop_set_elements, l2norm
+from ..losses import hinge_triplet_loss
+from . import RetrievalModel, register_model
+
+
+@register_model("avse")
+class AVSE(RetrievalModel):
+    default_options = {
+        "embed_size": 1024,          # D [paper]
+        "meta_dim": None,            # unit size; None: 512 for regions [paper], 256 for grids [code]
+        "num_views": None,           # None: 6 group tokens (regions) [paper], 2 RBS views (grids) [code]
+        "group_keep": 0.8,           # each group keeps its top 80% regions [paper]
+        "rbs_keep_train": 0.8,       # [code]
+        "rbs_keep_eval": 0.9,        # [code]
+        "rbs_mode": "nearest",       # or "stochastic" (∝ exp(-alpha·dist), training only)
+        "rbs_alpha": 4.0,            # [code, demo]
+        "rbs_seed": 0,               # seed of the fixed evaluation centres [ours]
+        "word_dim": 300,
+        "residual_mlp": True,
+        "gpo_dim": 32,
+        "margin": 0.2,
+        "warmup_epochs": 1,          # all negatives in the first epoch, hardest afterwards [code]
+        "region_drop": 0.2,          # VSE∞'s training-time region dropout, before grouping
+        "text_dropout": 0.0,
+        "sinkhorn": False,           # optional Sinkhorn on the unit blocks (off in the release)
+        "sinkhorn_iters": 20,        # [paper]
+        "reg_weight": 1.0,           # L = L_m + reg_weight · L_reg
+        "reg_lambda": 0.005,         # [paper] (0.0051 in the code)
+        "reg_form": "paper",         # or "code" (C / B)
+        "backend": "kernels",        # or "reference" (pure PyTorch)
+        "features": "regions",       # or "grids" (radial bias sampling)
+    }
+    # Region setting [paper]: AdamW, lr 5e-4, 5e-5 for the last 10 of 25 epochs, batch 128, clip 2.
+    recipe = {"optimizer": "adamw", "lr": 5e-4, "batch_size": 128, "epochs": 25, "lr_milestones": [15],
+              "lr_gamma": 0.1, "grad_clip": 2.0, "weight_decay": 0.0}
+    feature_kind = "regions"
+
+    def __init__(self, options, info):
+        super().__init__(options, info)
+        o = self.options
+        if o["backend"] not in ("kernels", "reference"):
+            raise ValueError(f"backend must be 'kernels' or 'reference', got {o['backend']!r}")
+        if o["features"] not in ("regions", "grids"):
+            raise ValueError(f"features must be 'regions' or 'grids', got {o['features']!r}")
+        grids = o["features"] == "grids"
+        d = o["embed_size"]
+        self.meta_dim = o["meta_dim"] or (256 if grids else 512)
+        self.num_views = o["num_views"] or (2 if grids else 6)
+        if d % self.meta_dim:
+            raise ValueError(f"embed_size {d} must be a multiple of meta_dim {self.meta_dim}")
+        if grids:
+            s = info.grid_size
+            if not s or info.set_size not in (s * s, s * s + 1):
+                raise ValueError(f"features='grids' needs grid data (grid_size s with s*s or s*s + 1 tokens), "
+                                 f"got grid_size={s}, set_size={info.set_size}")
+            self.img_enc = RBSEncoder(info.feature_dim, d, s, has_cls=info.set_size == s * s + 1,
+                                      num_views=self.num_views, keep_train=o["rbs_keep_train"],
+                                      keep_eval=o["rbs_keep_eval"], mode=o["rbs_mode"], alpha=o["rbs_alpha"],
+                                      seed=o["rbs_seed"], residual_mlp=o["residual_mlp"], gpo_dim=o["gpo_dim"])
+        else:
+            self.img_enc = GroupEncoder(info.feature_dim, d, self.num_views, o["group_keep"], o["residual_mlp"],
+                                        o["gpo_dim"])
+        self.txt_enc = BiGRUTextEncoder(info.vocab_size, o["word_dim"], d, dropout=o["text_dropout"])
+        self.txt_proj = RegionEncoder(d, d, residual_mlp=True)  # fc(x) + MLP(x) [paper]
+        self.txt_pool = GPO(o["gpo_dim"], o["gpo_dim"])
+        self.dustbin = nn.Parameter(torch.zeros(())) if o["sinkhorn"] else None
+
+    # ------------------------------------------------------------------------------------ encoders
+    def image_views(self, batch) -> torch.Tensor:
+        """(B, V, D) L2-normalised view embeddings."""
+        feats, lengths = batch.images, batch.image_lengths
+        if self.options["features"] == "grids":
+            return self.img_enc(feats, batch.img_ids)
+        if lengths is None:
+            lengths = torch.full((feats.size(0),), feats.size(1), dtype=torch.long, device=feats.device)
+        if self.training:
+            feats, lengths = drop_set_elements(feats, lengths, self.options["region_drop"])
+        return self.img_enc(feats, lengths)
+
+    def encode_images(self, batch) -> torch.Tensor:
+        views = self.image_views(batch)
+        return views.reshape(views.size(0), -1)  # (B, V·D): V·D/meta_dim units per image
+
+    def encode_texts(self, batch) -> torch.Tensor:
+        words = project_set(self.txt_proj, self.txt_enc(batch.tokens, batch.lengths), batch.lengths)
+        pooled, _ = self.txt_pool(words, batch.lengths)
+        return l2norm(pooled)
+
+    # ---------------------------------------------------------------------------------- similarity
+    def similarity(self, img_emb: torch.Tensor, txt_emb: torch.Tensor) -> torch.Tensor:
+        if self.dustbin is not None:
+            return aeom_reference(img_emb, txt_emb, self.meta_dim, self.dustbin, self.options["sinkhorn_iters"])
+        if self.options["backend"] == "kernels":
+            import vse_kernels  # lazily: the reference backend never imports it
+
+            return vse_kernels.meta_sim(img_emb, txt_emb, block_dim=self.meta_dim)
+        return aeom_reference(img_emb, txt_emb, self.meta_dim)
+
+    # ---------------------------------------------------------------------------------------- loss
+    def loss(self, batch, epoch: int):
+        o = self.options
+        views = self.image_views(batch)
+        txt = self.encode_texts(batch)
+        scores = self.similarity(views.reshape(views.size(0), -1), txt).float()
+        l_m = hinge_triplet_loss(scores, margin=o["margin"], max_violation=epoch >= o["warmup_epochs"],
+                                 img_ids=batch.img_ids, backend=o["backend"])
+        l_reg = view_regularizer(views, o["reg_lambda"], o["reg_form"]) if o["reg_weight"] else scores.new_zeros(())
+        loss = l_m + o["reg_weight"] * l_reg
+        return loss, {"loss": loss.item(), "l_m": l_m.item(), "l_reg": l_reg.item()}
