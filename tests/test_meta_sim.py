@@ -96,11 +96,12 @@ def test_expanded_upstream_gradient(device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_ties_go_to_lowest_index(device):
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])  # CUDA: torch path, Triton path
+def test_ties_go_to_lowest_index(device, dtype):
     # Identical image units: every unit ties, so the whole gradient goes to unit 0, as torch.max does.
-    unit = torch.randn(1, 1, 16, device=device, dtype=torch.float64)
+    unit = torch.randn(1, 1, 16, device=device, dtype=dtype)
     img = unit.repeat(2, 4, 1).requires_grad_()
-    txt = leaf((3, 2, 16), device)
+    txt = leaf((3, 2, 16), device, dtype)
     vk.meta_sim(img, txt, normalize=False).sum().backward()
     assert img.grad[:, 1:].abs().max() == 0 and img.grad[:, 0].abs().max() > 0
     expected, = torch.autograd.grad(reference(img, txt, normalize=False).sum(), img)
