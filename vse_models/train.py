@@ -53,6 +53,7 @@ DEFAULTS = {
     "vocab": None,             # a SCAN vocab JSON to use instead of building one from train captions
     "test_split": "test",
     "progress": True,
+    "threads": None,           # CPU threads for torch (None: torch's default, one per core)
     "model_options": {},
     "synthetic": {},           # SyntheticConfig fields
 }
@@ -138,6 +139,7 @@ def build_parser() -> argparse.ArgumentParser:
     a("--vocab", help="SCAN vocab JSON to use (default: built from the training captions)")
     a("--eval-batch-size", type=int)
     a("--test-split", help="split evaluated at the end (default test; COCO: testall)")
+    a("--threads", type=int, help="CPU threads (default: one per core; 1 is faster on a busy machine)")
     a("--no-progress", dest="progress", action="store_const", const=False, help="no progress bars")
     return p
 
@@ -266,11 +268,13 @@ class Logger:
                 print("note: matplotlib is not installed; no PNG plots (pip install matplotlib)")
                 self.warned_plot = True
             return
-        epochs = [h["epoch"] for h in history]
+        epochs = [h["epoch"] + 1 for h in history]
         for name, ys, label in (("loss", [h["train_loss"] for h in history], "mean training loss"),
                                 ("rsum", [h["dev"]["rsum"] for h in history], "dev rsum")):
             fig, ax = plt.subplots(figsize=(5, 3.5))
             ax.plot(epochs, ys, marker="o")
+            if name == "loss" and min(ys) > 0 and max(ys) > 20 * min(ys):
+                ax.set_yscale("log")  # all-negatives warm-up losses are ~100x the hardest-negative ones
             ax.set_xlabel("epoch")
             ax.set_ylabel(label)
             ax.grid(alpha=0.3)
@@ -298,6 +302,8 @@ def train(cfg: dict, resume: bool = False) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.json").write_text(json.dumps(cfg, indent=1))
 
+    if cfg.get("threads"):
+        torch.set_num_threads(cfg["threads"])
     device = pick_device(cfg["device"])
     amp = autocast_dtype(cfg["precision"], device)
     torch.manual_seed(cfg["seed"])

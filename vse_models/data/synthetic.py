@@ -17,8 +17,8 @@ Hard distractors: images come in families of `family_size` near-duplicates; each
 first changes `changes_per_member` objects of the family's base scene (a new type or a new attribute).
 A caption that mentions only shared objects fits every member, which caps recall well below 100%.
 
-Chance level on a 1000-image test split (5 captions each): t2i R@1/5/10 = 0.1/0.5/1.0 %,
-i2t R@1/5/10 ~= 0.5/2.5/4.9 % (any of 5 captions among 5000), rsum ~= 9.5.
+Chance level on a 1000-image test split (5 captions each): t2i R@1/5/10 = 0.1/0.5/1.0 %; i2t (any of
+5 positives among 5000 captions) 0.10/0.50/1.00 %; rsum ~= 3.2.
 """
 
 from __future__ import annotations

@@ -1,0 +1,246 @@
+"""Named parts of CVSE / MH-CVSE (SPEC §3.3), kept separate from the model so each can be tested alone:
+concept vocabulary and labels, the concept co-occurrence graph, a local GloVe reader, the GCN, masked
+attention pooling, the consensus level, the three fusion modes, self-attention with a backend switch and
+the dynamic loss weights.
+
+Nothing here imports vse_kernels at module level: the reference backend must run without it.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .layers import l2norm
+
+# [ours] CVSE picks nouns/adjectives/verbs with a POS tagger (needs downloads); we take the most frequent
+# caption words after removing these stop words and punctuation.
+STOP_WORDS = frozenset("""
+a an the and or but if then than so of in on at to from by for with without into onto over under above
+below up down out off near next beside behind between through while during before after about against
+is are was were be been being am has have had having do does did doing it its this that these those
+there here their they them he him his she her we us our you your i me my mine who whom whose which what
+where when why how all any both each few more most other some such no nor not only own same too very can
+will just should now as one two three another while s t
+""".split())
+
+
+# --------------------------------------------------------------------------------------- concepts
+def select_concepts(token_lists: Sequence[Sequence[int]], idx2word: Sequence[str], num_concepts: int) -> list[int]:
+    """Vocabulary ids of the `num_concepts` most frequent content words of the training captions
+    (ties: alphabetical, so the choice is deterministic). May return fewer if there are fewer words."""
+    counts = Counter(t for toks in token_lists for t in toks)
+    candidates = [i for i in counts if i >= 4 and idx2word[i].isalpha() and idx2word[i] not in STOP_WORDS]
+    candidates.sort(key=lambda i: (-counts[i], idx2word[i]))
+    return candidates[:num_concepts]
+
+
+def word_to_concept_map(concept_words: Sequence[int], vocab_size: int) -> torch.Tensor:
+    """(vocab_size,) long: concept index of each word id, -1 for non-concepts."""
+    m = torch.full((vocab_size,), -1, dtype=torch.long)
+    if len(concept_words):
+        m[torch.as_tensor(list(concept_words), dtype=torch.long)] = torch.arange(len(concept_words))
+    return m
+
+
+def caption_labels(tokens: torch.Tensor, word_to_concept: torch.Tensor, num_concepts: int) -> torch.Tensor:
+    """(B, L) padded token ids -> (B, q) float multi-hot of the concepts each caption mentions."""
+    c = word_to_concept[tokens]                       # padding id 0 maps to -1
+    labels = torch.zeros(tokens.size(0), num_concepts + 1, device=tokens.device)
+    labels.scatter_(1, torch.where(c < 0, num_concepts, c), 1.0)  # slot q collects the non-concepts
+    return labels[:, :num_concepts]
+
+
+def cooccurrence(label_sets: Sequence[Sequence[int]], num_concepts: int) -> tuple[np.ndarray, np.ndarray]:
+    """Co-occurrence counts C (q, q) over captions (C_ij = captions mentioning both i and j, i != j,
+    diagonal 0 as in ML-GCN, the self-loop comes from `+ I`) and counts (q,) = captions mentioning i."""
+    cooc = np.zeros((num_concepts, num_concepts), dtype=np.float64)
+    counts = np.zeros(num_concepts, dtype=np.float64)
+    for labels in label_sets:
+        idx = np.unique(np.asarray(list(labels), dtype=np.int64))
+        if idx.size == 0:
+            continue
+        counts[idx] += 1
+        cooc[np.ix_(idx, idx)] += 1
+    np.fill_diagonal(cooc, 0)
+    return cooc, counts
+
+
+def concept_adjacency(cooc: np.ndarray, counts: np.ndarray, threshold: float = 0.3, base: float = 5.0,
+                      shift: float = 0.02, reweight: float = 0.25) -> torch.Tensor:
+    """CVSE's normalised concept graph (SPEC §3.3):
+    P = C / count[:, None]; R = base^(P - shift) - base^(-shift); binarise R >= threshold;
+    columns re-weighted R * reweight / (colsum + 1e-6); A = R + I; returns D^-1/2 A^T D^-1/2 with
+    D = diag(row sums of A). Concepts never seen (count 0) get P = 0 (only their self-loop)."""
+    q = cooc.shape[0]
+    p = np.divide(cooc, counts[:, None], out=np.zeros_like(cooc), where=counts[:, None] > 0)
+    r = base ** (p - shift) - base ** (-shift)
+    r = (r >= threshold).astype(np.float64)
+    r = r * reweight / (r.sum(0, keepdims=True) + 1e-6)
+    a = r + np.eye(q)
+    d = np.power(a.sum(1), -0.5)
+    return torch.from_numpy(d[:, None] * a.T * d[None, :]).float()
+
+
+# ------------------------------------------------------------------------------------------ GloVe
+def read_glove(path: str | Path, words: Sequence[str], dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Vectors of `words` from a local GloVe text file ("word v1 ... vd" per line; nothing downloaded).
+    Returns (len(words), dim) float vectors and a (len(words),) bool mask of the words found."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(f"GloVe file not found: {path}")
+    wanted = {w: i for i, w in enumerate(words)}
+    vectors = torch.zeros(len(words), dim)
+    found = torch.zeros(len(words), dtype=torch.bool)
+    with open(path, encoding="utf-8", errors="replace") as fh:
+        for lineno, line in enumerate(fh, 1):
+            word, _, rest = line.rstrip("\n").partition(" ")
+            i = wanted.get(word)
+            if i is None or found[i]:
+                continue
+            values = rest.split()
+            if len(values) != dim:
+                raise ValueError(f"{path}:{lineno}: expected {dim} values for {word!r} (word_dim), got {len(values)}")
+            vectors[i] = torch.tensor([float(v) for v in values])
+            found[i] = True
+    return vectors, found
+
+
+# ---------------------------------------------------------------------------------------- modules
+class GCN(nn.Module):
+    """Two graph convolutions on the fixed normalised adjacency: H1 = LeakyReLU_0.2(Â E W1),
+    Z = l2norm(Â H1 W2). Â is passed in (a buffer of the model, no gradient)."""
+
+    def __init__(self, in_dim: int, hidden_dim: int, out_dim: int):
+        super().__init__()
+        self.w1 = nn.Linear(in_dim, hidden_dim, bias=False)
+        self.w2 = nn.Linear(hidden_dim, out_dim, bias=False)
+
+    def forward(self, emb: torch.Tensor, adj: torch.Tensor) -> torch.Tensor:
+        h = F.leaky_relu(adj @ self.w1(emb), 0.2)
+        return l2norm(adj @ self.w2(h))
+
+
+def _masked_bn(bn: nn.BatchNorm1d, x: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:
+    """BatchNorm over the valid positions only (padding must not enter the batch statistics)."""
+    if valid is None:
+        return bn(x.reshape(-1, x.size(-1))).view_as(x)
+    out = x.new_zeros(x.shape)
+    out[valid] = bn(x[valid])
+    return out
+
+
+class AttentionPool(nn.Module):
+    """CVSE's pooling guided by the mean element: a = fc3(tanh(BN(fc1 v)) * tanh(BN(fc2 v̄))),
+    α = softmax(a) over the valid elements, pooled = l2norm(sum α_i v_i). Padding is masked in the mean,
+    in the BatchNorm statistics and in the softmax (older code forgot the latter)."""
+
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.fc1, self.fc2, self.fc3 = nn.Linear(dim, hidden), nn.Linear(dim, hidden), nn.Linear(hidden, 1)
+        self.bn1, self.bn2 = nn.BatchNorm1d(hidden), nn.BatchNorm1d(hidden)
+
+    def forward(self, x: torch.Tensor, pad: torch.Tensor | None) -> torch.Tensor:
+        valid = None if pad is None else ~pad
+        if valid is None:
+            mean = x.mean(1)
+        else:
+            mean = (x * valid[..., None]).sum(1) / valid.sum(1, keepdim=True).clamp(min=1)
+        h = torch.tanh(_masked_bn(self.bn1, self.fc1(x), valid)) * torch.tanh(self.bn2(self.fc2(mean)))[:, None]
+        a = self.fc3(h).squeeze(-1)
+        if pad is not None:
+            a = a.masked_fill(pad, float("-inf"))
+        alpha = torch.softmax(a, dim=1)
+        return l2norm((alpha[..., None] * x).sum(1))
+
+
+class SelfAttentionBlock(nn.Module):
+    """MH-CVSE's multi-head self-attention before pooling: LayerNorm(x + MHSA(x)) ([ours]: residual +
+    post-LayerNorm). backend "kernels": vse_kernels.nn.MultiheadSelfAttention (imported lazily);
+    "reference": torch.nn.MultiheadAttention. Both have the same parameter names, so a state_dict moves
+    between backends unchanged. Key-padding mask: True = padding; every row must keep ≥ 1 key (the
+    reference returns NaN on a fully masked row, the kernel zeros)."""
+
+    def __init__(self, dim: int, heads: int, backend: str):
+        super().__init__()
+        if backend == "kernels":
+            from vse_kernels.nn import MultiheadSelfAttention
+
+            self.attn = MultiheadSelfAttention(dim, heads)
+        elif backend == "reference":
+            self.attn = nn.MultiheadAttention(dim, heads, batch_first=True)
+        else:
+            raise ValueError(f"backend must be 'kernels' or 'reference', got {backend!r}")
+        self.backend = backend
+        self.norm = nn.LayerNorm(dim)
+
+    def forward(self, x: torch.Tensor, pad: torch.Tensor | None = None) -> torch.Tensor:
+        if self.backend == "kernels":
+            out = self.attn(x, key_padding_mask=pad)
+        else:
+            out = self.attn(x, x, x, key_padding_mask=pad, need_weights=False)[0]
+        return self.norm(x + out)
+
+
+class ConsensusLevel(nn.Module):
+    """p = softmax(10 · fc3(tanh(BN(fc2 x_I)) ⊙ tanh(BN(fc1 Z)))) over the q concepts. fc3 of the
+    (B, q, h) product is computed as (tanh(..x_I..) * w3) @ tanh(..Z..)^T + b3: the same numbers without
+    materialising B·q·h."""
+
+    def __init__(self, dim: int, hidden: int, temperature: float = 10.0):
+        super().__init__()
+        self.fc1, self.fc2, self.fc3 = nn.Linear(dim, hidden), nn.Linear(dim, hidden), nn.Linear(hidden, 1)
+        self.bn1, self.bn2 = nn.BatchNorm1d(hidden), nn.BatchNorm1d(hidden)
+        self.temperature = temperature
+
+    def forward(self, x_inst: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        a = torch.tanh(self.bn2(self.fc2(x_inst))) * self.fc3.weight    # (B, h)
+        b = torch.tanh(self.bn1(self.fc1(z)))                            # (q, h)
+        return torch.softmax(self.temperature * (a @ b.t() + self.fc3.bias), dim=1)
+
+
+def text_concept_distribution(p_t: torch.Tensor, labels: torch.Tensor, beta: float) -> torch.Tensor:
+    """s_t = β · softmax(10·y) + (1 − β) · p_t (CVSE)."""
+    return beta * torch.softmax(10.0 * labels, dim=1) + (1.0 - beta) * p_t
+
+
+class Fusion(nn.Module):
+    """x_F from the instance and consensus embeddings (one per modality): `weight_sum`
+    l2norm(α x_I + (1 − α) x_C); `adap_sum` per-sample gate g = σ(wᵀ(x_I + x_C)/2 + b),
+    l2norm(g x_I + (1 − g) x_C); `concat` l2norm(W [x_I; x_C] + b)."""
+
+    MODES = ("weight_sum", "adap_sum", "concat")
+
+    def __init__(self, mode: str, dim: int, alpha: float = 0.85):
+        super().__init__()
+        if mode not in self.MODES:
+            raise ValueError(f"fusion must be one of {self.MODES}, got {mode!r}")
+        self.mode, self.alpha = mode, alpha
+        if mode == "adap_sum":
+            self.gate = nn.Linear(dim, 1)
+        elif mode == "concat":
+            self.proj = nn.Linear(2 * dim, dim)
+
+    def forward(self, x_inst: torch.Tensor, x_cons: torch.Tensor) -> torch.Tensor:
+        if self.mode == "weight_sum":
+            return l2norm(self.alpha * x_inst + (1 - self.alpha) * x_cons)
+        if self.mode == "adap_sum":
+            g = torch.sigmoid(self.gate((x_inst + x_cons) / 2))
+            return l2norm(g * x_inst + (1 - g) * x_cons)
+        return l2norm(self.proj(torch.cat([x_inst, x_cons], dim=-1)))
+
+
+def loss_weights(losses: torch.Tensor, base: torch.Tensor, dynamic: bool, eps: float = 1e-8) -> torch.Tensor:
+    """Weights of the K loss terms. Fixed: the CVSE base weights. Dynamic ([ours], SPEC §3.3):
+    base_k · K · L_k / Σ_j L_j from the detached loss values, so a term that is large relative to the
+    others gets more weight this step; the weights carry no gradient."""
+    if not dynamic:
+        return base
+    detached = losses.detach()
+    return base * detached.numel() * detached / (detached.sum() + eps)

@@ -1,0 +1,228 @@
+"""`mh-cvse`: Multi-Head Consensus-aware Visual-Semantic Embedding (SPEC §3.3; arXiv 2412.19184 on top of
+CVSE, ECCV 2020).
+
+Instance level: regions -> Linear -> LayerNorm(x + MHSA(x)) (8 heads) -> L2 -> attention pooling -> v_I;
+words -> BiGRU (dropout 0.4) -> LayerNorm(x + MHSA(x, key-padding mask)) -> L2 -> masked attention
+pooling -> t_I. Consensus level: a GCN over the concept co-occurrence graph gives concept embeddings Z
+(q x D); each side predicts a distribution over concepts (text: mixed with its labels) and
+x_C = l2norm(s @ Z). Fusion (weight_sum | adap_sum | concat) gives x_F. Loss:
+w_F·rank(F) + w_I·rank(I) + w_C·rank(C) + w_KL·KL(s_t || s_v), base weights (3, 5, 1, 2), fixed or
+dynamic. Score: 0.95·<v_F, t_F> + 0.05·<v_C, t_C>. Cosine-annealed learning rate.
+
+Data state (from `prepare(train_split)`, training captions only, deterministic): the q concept word ids
+(`word_to_concept`, vocab-sized) and the normalised adjacency Â (q x q), both persistent buffers, so a
+checkpoint evaluates without training data; the training images' labels (union of their captions'
+concepts, CVSE's y for text in training) are a non-persistent buffer, rebuilt by `prepare` on resume.
+[ours] At evaluation a caption's labels are the concepts its own words mention (no image labels are
+known for a test caption); `complete_text_labels` offers CVSE's test-time label completion as an option.
+
+`backend="reference"` uses torch.nn.MultiheadAttention and the pure-PyTorch hinge loss and imports
+nothing from vse_kernels.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..cvse_parts import (GCN, AttentionPool, ConsensusLevel, Fusion, SelfAttentionBlock, caption_labels,
+                          concept_adjacency, cooccurrence, loss_weights, read_glove, select_concepts,
+                          text_concept_distribution, word_to_concept_map)
+from ..layers import BiGRUTextEncoder, RegionEncoder, l2norm, padding_mask
+from ..losses import hinge_triplet_loss
+from . import RetrievalModel, register_model
+
+LOSS_NAMES = ("rank_fused", "rank_instance", "rank_consensus", "kl")
+
+
+@register_model("mh-cvse")
+class MHCVSE(RetrievalModel):
+    default_options = {
+        "embed_size": 1024,          # D (CVSE)
+        "word_dim": 300,
+        "num_concepts": 300,         # q (CVSE)
+        "gcn_hidden": 512,
+        "num_heads": 8,              # MH-CVSE figure 2
+        "self_attention": True,      # False: CVSE's instance level (ablation)
+        "text_dropout": 0.4,
+        "beta": 0.35,                # F30K (0.4 COCO)
+        "fusion": "weight_sum",      # weight_sum | adap_sum | concat
+        "fusion_alpha": 0.85,        # weight_sum
+        "loss_weights": [3.0, 5.0, 1.0, 2.0],  # fused, instance, consensus rank; KL (CVSE)
+        "dynamic_loss_weights": True,  # False: CVSE's fixed weights (ablation)
+        "kl_reduction": "batchmean",   # [ours] or "sum"
+        "score_fused_weight": 0.95,    # evaluation: w·<v_F,t_F> + (1 − w)·<v_C,t_C>
+        "margin": 0.2,
+        "warmup_epochs": 0,          # epochs with all negatives before the hardest (CVSE: none)
+        "lr_schedule": "cosine",     # cosine (T_max = epochs) | step (config lr_milestones, CVSE)
+        "eta_min": 0.0,
+        "glove_path": None,          # local GloVe text file for word and concept vectors
+        "label_completion_k": 0,     # test-time label completion: k nearest captions (0 = off)
+        "backend": "kernels",        # or "reference" (pure PyTorch)
+        "features": "regions",
+    }
+    # CVSE on F30K: Adam 2e-4, batch 128, 50 epochs (x0.1 at 25 there; cosine annealing here), clip 2.
+    recipe = {"optimizer": "adam", "lr": 2e-4, "batch_size": 128, "epochs": 50, "lr_milestones": [25],
+              "lr_gamma": 0.1, "grad_clip": 2.0, "weight_decay": 0.0}
+
+    def __init__(self, options, info):
+        super().__init__(options, info)
+        o = self.options
+        d, q = o["embed_size"], o["num_concepts"]
+        if len(o["loss_weights"]) != 4:
+            raise ValueError(f"loss_weights must have 4 entries (fused, instance, consensus, kl), got {o['loss_weights']}")
+        if o["kl_reduction"] not in ("batchmean", "sum"):
+            raise ValueError(f"kl_reduction must be 'batchmean' or 'sum', got {o['kl_reduction']!r}")
+        if o["lr_schedule"] not in ("cosine", "step"):
+            raise ValueError(f"lr_schedule must be 'cosine' or 'step', got {o['lr_schedule']!r}")
+        backend = o["backend"]
+        self.img_fc = RegionEncoder(info.feature_dim, d, residual_mlp=False)
+        self.txt_enc = BiGRUTextEncoder(info.vocab_size, o["word_dim"], d, dropout=o["text_dropout"])
+        self.img_attn = SelfAttentionBlock(d, o["num_heads"], backend) if o["self_attention"] else None
+        self.txt_attn = SelfAttentionBlock(d, o["num_heads"], backend) if o["self_attention"] else None
+        self.img_pool, self.txt_pool = AttentionPool(d, d), AttentionPool(d, d)
+        self.concept_emb = nn.Parameter(torch.empty(q, o["word_dim"]).uniform_(-0.1, 0.1))
+        self.gcn = GCN(o["word_dim"], o["gcn_hidden"], d)
+        self.img_consensus, self.txt_consensus = ConsensusLevel(d, d), ConsensusLevel(d, d)
+        self.img_fusion = Fusion(o["fusion"], d, o["fusion_alpha"])
+        self.txt_fusion = Fusion(o["fusion"], d, o["fusion_alpha"])
+        self.register_buffer("word_to_concept", torch.full((info.vocab_size,), -1, dtype=torch.long))
+        self.register_buffer("adjacency", torch.eye(q))
+        self.register_buffer("train_image_labels", torch.zeros(0, q, dtype=torch.bool), persistent=False)
+        self.register_buffer("base_loss_weights", torch.tensor(o["loss_weights"], dtype=torch.float32),
+                             persistent=False)
+
+    # ------------------------------------------------------------------------------- data state
+    def prepare(self, train_split) -> None:
+        """Concepts, labels and graph from the training captions (deterministic); GloVe if given."""
+        q, k = self.options["num_concepts"], train_split.captions_per_image
+        vocab, tokens = train_split.vocab, train_split.tokens
+        if tokens is None:
+            raise RuntimeError("prepare() needs a training split with a vocabulary (set_vocab)")
+        if len(vocab) != self.info.vocab_size:
+            raise ValueError(f"vocabulary has {len(vocab)} words, the model was built for {self.info.vocab_size}")
+        concepts = select_concepts(tokens, vocab.idx2word, q)
+        w2c = word_to_concept_map(concepts, len(vocab))
+        cap_labels = [sorted({int(c) for c in w2c[torch.as_tensor(t)].tolist() if c >= 0}) for t in tokens]
+        cooc, counts = cooccurrence(cap_labels, q)
+        img_labels = torch.zeros(train_split.n_images, q, dtype=torch.bool)
+        for c, labels in enumerate(cap_labels):
+            img_labels[c // k, labels] = True
+        device = self.adjacency.device
+        self.word_to_concept.copy_(w2c)
+        self.adjacency.copy_(concept_adjacency(cooc, counts))
+        self.train_image_labels = img_labels.to(device)
+        self.concept_words = [vocab.idx2word[i] for i in concepts]
+        if self.options["glove_path"]:
+            self._load_glove(vocab.idx2word, concepts)
+
+    def _load_glove(self, idx2word, concepts) -> None:
+        dim = self.options["word_dim"]
+        vectors, found = read_glove(self.options["glove_path"], idx2word, dim)
+        if not found.any():
+            raise ValueError(f"{self.options['glove_path']}: none of the vocabulary's words was found")
+        with torch.no_grad():
+            emb = self.txt_enc.embed.weight
+            emb[found] = vectors[found].to(emb)          # words missing from GloVe keep their random init
+            cidx = torch.as_tensor(concepts, dtype=torch.long)
+            if len(concepts):
+                self.concept_emb[: len(concepts)] = emb[cidx.to(emb.device)]
+
+    # ---------------------------------------------------------------------------------- encoders
+    def concept_embeddings(self) -> torch.Tensor:
+        return self.gcn(self.concept_emb, self.adjacency)
+
+    def _image_instance(self, batch) -> torch.Tensor:
+        x = self.img_fc(batch.images)
+        lengths = batch.image_lengths
+        pad = padding_mask(lengths, x.size(1)) if bool((lengths < x.size(1)).any()) else None
+        if self.img_attn is not None:
+            x = self.img_attn(x, pad)
+        return self.img_pool(l2norm(x), pad)
+
+    def _text_instance(self, batch) -> torch.Tensor:
+        lengths = batch.lengths
+        if bool((lengths < 1).any()):  # a fully masked attention row: NaN in the reference, 0 in the kernel
+            raise ValueError("every caption needs at least one token")
+        x = self.txt_enc(batch.tokens, lengths)
+        pad = padding_mask(lengths, x.size(1))
+        if self.txt_attn is not None:
+            x = self.txt_attn(x, pad)
+        return self.txt_pool(l2norm(x), pad)
+
+    def encode_images(self, batch):
+        """(v_I, v_C, v_F, s_v)."""
+        z = self.concept_embeddings()
+        v_inst = self._image_instance(batch)
+        s_v = self.img_consensus(v_inst, z)
+        v_cons = l2norm(s_v @ z)
+        return v_inst, v_cons, self.img_fusion(v_inst, v_cons), s_v
+
+    def text_labels(self, batch) -> torch.Tensor:
+        """y: in training, the labels of the caption's image (CVSE); otherwise the caption's own concepts."""
+        if self.training and self.train_image_labels.numel() and batch.img_ids is not None:
+            return self.train_image_labels[batch.img_ids].float()
+        return caption_labels(batch.tokens, self.word_to_concept, self.options["num_concepts"])
+
+    def _text_from_instance(self, t_inst, p_t, labels, z):
+        s_t = text_concept_distribution(p_t, labels, self.options["beta"])
+        t_cons = l2norm(s_t @ z)
+        return t_inst, t_cons, self.txt_fusion(t_inst, t_cons), s_t, p_t, labels
+
+    def encode_texts(self, batch):
+        """(t_I, t_C, t_F, s_t, p_t, y): p_t and y are kept for test-time label completion."""
+        z = self.concept_embeddings()
+        t_inst = self._text_instance(batch)
+        p_t = self.txt_consensus(t_inst, z)
+        return self._text_from_instance(t_inst, p_t, self.text_labels(batch), z)
+
+    @torch.no_grad()
+    def complete_text_labels(self, txt_emb, k: int | None = None, block: int = 1024):
+        """CVSE's test-time label completion ([ours] form): each caption's labels are OR-ed with those of its
+        k nearest captions of the same set (cosine of t_I), then t_C and t_F are recomputed. Transductive
+        (uses the other test captions): an option, never the default."""
+        k = self.options["label_completion_k"] if k is None else k
+        if k <= 0:
+            return txt_emb
+        t_inst, _, _, _, p_t, labels = txt_emb
+        completed = labels.clone()
+        for s in range(0, t_inst.size(0), block):
+            sims = t_inst[s:s + block] @ t_inst.t()
+            rows = torch.arange(sims.size(0), device=sims.device)
+            sims[rows, rows + s] = float("-inf")  # not itself
+            nearest = sims.topk(min(k, t_inst.size(0) - 1), dim=1).indices
+            completed[s:s + block] = torch.maximum(completed[s:s + block], labels[nearest].amax(1))
+        return self._text_from_instance(t_inst, p_t, completed, self.concept_embeddings())
+
+    def similarity(self, img_emb, txt_emb) -> torch.Tensor:
+        w = self.options["score_fused_weight"]
+        return w * (img_emb[2] @ txt_emb[2].t()) + (1 - w) * (img_emb[1] @ txt_emb[1].t())
+
+    # -------------------------------------------------------------------------------------- loss
+    def loss(self, batch, epoch: int):
+        v_inst, v_cons, v_fused, s_v = self.encode_images(batch)
+        t_inst, t_cons, t_fused, s_t, _, _ = self.encode_texts(batch)
+        o = self.options
+        max_violation = epoch >= o["warmup_epochs"]
+
+        def rank(v, t):
+            return hinge_triplet_loss((v @ t.t()).float(), margin=o["margin"], max_violation=max_violation,
+                                      img_ids=batch.img_ids, backend=o["backend"])
+
+        # KL(s_t || s_v): F.kl_div(input=log s_v, target=s_t)
+        kl = F.kl_div(torch.log(s_v.float().clamp_min(1e-12)), s_t.float(), reduction=o["kl_reduction"])
+        terms = torch.stack([rank(v_fused, t_fused), rank(v_inst, t_inst), rank(v_cons, t_cons), kl])
+        weights = loss_weights(terms, self.base_loss_weights, o["dynamic_loss_weights"])
+        total = (weights * terms).sum()
+        logs = {"loss": total.item()}
+        logs.update({n: float(v) for n, v in zip(LOSS_NAMES, terms.detach().tolist())})
+        logs.update({f"w_{n}": float(v) for n, v in zip(LOSS_NAMES, weights.tolist())})
+        return total, logs
+
+    def make_scheduler(self, optimizer, config: dict, steps_per_epoch: int):
+        if self.options["lr_schedule"] == "step":
+            return super().make_scheduler(optimizer, config, steps_per_epoch)
+        # Stepped once per epoch: T_max = epochs reaches eta_min after the last one.
+        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, config["epochs"]),
+                                                          eta_min=self.options["eta_min"])
