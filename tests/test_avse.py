@@ -307,3 +307,16 @@ def test_vse_train_avse_tiny(tmp_path, monkeypatch, features):
     result = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert result["model"] == "avse" and result["features"] == features
     assert 0 <= result["test"]["rsum"] <= 600
+
+
+@pytest.mark.parametrize("name", ["avse_f30k", "avse_coco", "avse_f30k_grid"])
+def test_packaged_configs_resolve(name):
+    from importlib import resources
+
+    from vse_models.train import build_parser, resolve_config
+
+    path = resources.files("vse_models").joinpath("configs", f"{name}.toml")
+    cfg = resolve_config(build_parser().parse_args(["--config", str(path)]))
+    assert cfg["model"] == "avse" and cfg["model_options"]["embed_size"] == 1024
+    model = build_model("avse", cfg["model_options"], _info(grid=14, f=32) if "grid" in name else _info(f=32))
+    assert (model.meta_dim, model.num_views) == ((256, 2) if "grid" in name else (512, 6))
