@@ -58,13 +58,13 @@ def _lse_dtype(q: Tensor) -> torch.dtype:
 def _math_probs(q, k, mask, scale, lse=None):
     """Scaled masked scores -> (probabilities, lse) in the working precision."""
     work = _lse_dtype(q)
-    s = torch.matmul(q.to(work), k.to(work).transpose(-2, -1)) * scale
+    s = torch.matmul(q.to(work), k.to(work).transpose(-2, -1)).mul_(scale)   # in place: s is fresh
     if mask is not None:
-        s = s.masked_fill(mask[:, None, None, :], float("-inf"))
+        s.masked_fill_(mask[:, None, None, :], float("-inf"))
     if lse is None:
         lse = torch.logsumexp(s, dim=-1)
-        lse = lse.masked_fill(lse == float("-inf"), float("inf"))   # fully masked: exp(s - inf) = 0
-    return torch.exp(s - lse[..., None]), lse
+        lse.masked_fill_(lse == float("-inf"), float("inf"))   # fully masked: exp(s - inf) = 0
+    return s.sub_(lse[..., None]).exp_(), lse
 
 
 def _forward_into(q, k, v, key_padding_mask, scale, out) -> Tensor:
@@ -85,9 +85,9 @@ def _backward_into(grad_out, q, k, v, key_padding_mask, out, lse, scale, dq, dk,
     g = grad_out.to(work)
     dp = torch.matmul(g, v.to(work).transpose(-2, -1))
     # rowsum(P ⊙ dP) = rowsum(dO ⊙ O) exactly, without the rounding of the stored (low-precision) out
-    ds = p * (dp - (p * dp).sum(dim=-1, keepdim=True))
-    dq.copy_(torch.matmul(ds, k.to(work)) * scale)
-    dk.copy_(torch.matmul(ds.transpose(-2, -1), q.to(work)) * scale)
+    ds = dp.sub_((p * dp).sum(dim=-1, keepdim=True)).mul_(p).mul_(scale)
+    dq.copy_(torch.matmul(ds, k.to(work)))
+    dk.copy_(torch.matmul(ds.transpose(-2, -1), q.to(work)))
     dv.copy_(torch.matmul(p.transpose(-2, -1), g))
 
 
