@@ -57,8 +57,8 @@ class GroupEncoder(nn.Module):
     floor(keep_ratio * n_regions) regions (at least 1) -> one shared GPO -> L2 norm.
 
     [ours] cosine between projected regions and tokens; hard top-k. A hard top-k gives the tokens no
-    gradient, so the kept features are multiplied by the straight-through gate 1 + a - stop_grad(a)
-    (a = the cosine): the forward value is unchanged and the tokens learn from d loss / d a."""
+    gradient, so the kept features x become x + x·(a - stop_grad(a)) (a = the cosine): the forward
+    value is exactly x while the tokens learn as if x were scaled by (1 + a)."""
 
     def __init__(self, in_dim: int, embed_dim: int, num_views: int = 6, keep_ratio: float = 0.8,
                  residual_mlp: bool = True, gpo_dim: int = 32):
@@ -88,7 +88,7 @@ class GroupEncoder(nn.Module):
         d = x.size(-1)
         sel = x[:, None].expand(b, v, x.size(1), d).gather(2, idx[..., None].expand(b, v, k, d))
         gate = sims.gather(2, idx)[..., None]
-        sel = sel * (1 + gate - gate.detach())  # straight-through: value unchanged, tokens get gradient
+        sel = sel + sel * (gate - gate.detach())  # straight-through: exactly sel, but tokens get gradient
         sel = sel.masked_fill(padding_mask(kept, k)[:, None, :, None], 0)
         return pool_views(self.pool, sel, kept)
 
