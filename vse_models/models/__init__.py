@@ -6,7 +6,8 @@
         recipe = {...}               # trainer defaults for this model (lr, epochs, optimizer, ...)
         feature_kind = "regions"     # or "grids"; an option "features" overrides it per run
 
-The trainer and `vse-eval` use only this contract, so a new model never touches them:
+Put the class in a module of this package (models/<name>.py): every module here is imported on first
+lookup. The trainer and `vse-eval` use only this contract, so a new model never touches them:
 
 - `__init__(options, info)`: `options` = default_options updated with the run's; `info` = DataInfo
   (vocab_size, feature_dim, set_size, grid_size, captions_per_image). Everything shape-defining must
@@ -23,7 +24,11 @@ The trainer and `vse-eval` use only this contract, so a new model never touches 
   (`batch.img_ids` marks same-image rows). The default: hinge loss of similarity, all negatives in
   epochs < `warmup_epochs`, hardest negatives afterwards.
 - `param_groups(lr)` and `make_scheduler(optimizer, config, steps_per_epoch)`: optional; the defaults are
-  one group and MultiStepLR(config lr_milestones, lr_gamma). The scheduler is stepped once per epoch.
+  one group and MultiStepLR(config lr_milestones, lr_gamma). The scheduler is stepped once per epoch
+  (config = the run config: epochs, lr, ... for e.g. cosine annealing over `config["epochs"]`).
+- A packaged preset `vse_models/configs/<name>-synthetic.toml` (run-config keys, `[model_options]`)
+  is applied on the synthetic data set; `recipe` holds the paper's recipe for real data.
+- `options["backend"]`: "kernels" (vse_kernels ops) or "reference" (pure PyTorch), by convention.
 """
 
 from __future__ import annotations
@@ -36,6 +41,7 @@ from torch import nn
 from ..losses import hinge_triplet_loss
 
 _REGISTRY: dict[str, type["RetrievalModel"]] = {}
+_IMPORT_ERRORS: dict[str, str] = {}
 
 
 @dataclass
@@ -71,7 +77,8 @@ def available_models() -> list[str]:
 def get_model_class(name: str) -> type["RetrievalModel"]:
     _load_builtin()
     if name not in _REGISTRY:
-        raise ValueError(f"unknown model {name!r}; available: {sorted(_REGISTRY)}")
+        broken = "".join(f"; models/{m}.py failed to import ({err})" for m, err in _IMPORT_ERRORS.items())
+        raise ValueError(f"unknown model {name!r}; available: {sorted(_REGISTRY)}{broken}")
     return _REGISTRY[name]
 
 
@@ -81,16 +88,17 @@ def build_model(name: str, options: dict | None, info: DataInfo) -> "RetrievalMo
 
 
 def _load_builtin() -> None:
-    # Built-in models register themselves on import; a model module that is missing is skipped, so this
-    # file never has to change when one is added (list it here once).
+    # Every module of this package is imported once, so a model file dropped in here (models/avse.py,
+    # models/mhcvse.py, ...) registers itself without any other file changing.
     import importlib
+    import pkgutil
 
-    for module in ("vse", "avse", "mhcvse"):
-        try:
-            importlib.import_module(f"{__name__}.{module}")
-        except ModuleNotFoundError as e:
-            if e.name != f"{__name__}.{module}":
-                raise
+    for info in pkgutil.iter_modules(__path__):
+        if info.name not in _IMPORT_ERRORS:
+            try:
+                importlib.import_module(f"{__name__}.{info.name}")
+            except Exception as e:  # a broken model module must not hide the others; reported on lookup
+                _IMPORT_ERRORS[info.name] = f"{type(e).__name__}: {e}"
 
 
 def slice_embeddings(emb, start: int, stop: int):
