@@ -186,7 +186,7 @@ def _config(q, k, backward: bool, pairs: int | None, block_m: int | None, gpu: b
 def _mask_arg(key_padding_mask, q):
     if key_padding_mask is None:
         return q, False   # never read (HAS_MASK=False)
-    return key_padding_mask.to(torch.uint8).contiguous(), True
+    return key_padding_mask.contiguous(), True   # bool: Triton loads it as int1 (no conversion launch)
 
 
 def attention_forward(q, k, v, key_padding_mask, scale: float, out: torch.Tensor,
@@ -247,7 +247,7 @@ def compile_for_gpu(dtype: torch.dtype, lq: int, lk: int, dh: int, *, backward: 
         elif name == "LSE":
             signature[name] = "*fp32"
         elif name == "MASK":
-            signature[name] = "*u8" if has_mask else element
+            signature[name] = "*i1" if has_mask else element
         elif name in ("Q", "K", "V", "O", "DO", "DQ", "DK", "DV"):
             signature[name] = element
         elif name in ("scale", "qk_scale"):
