@@ -443,7 +443,7 @@ for dtype in ("bf16", "fp32"):
             configs += [dict(**c.kwargs, _w=c.num_warps, _s=c.num_stages) for c in tuned]
         for c in configs:
             w, s = c.pop("_w"), c.pop("_s")
-            failures += build("fwd", dtype, dict(MP=mp, QP=qp, WITH_ARGMAX=True, **flags, **c), w, s)
+            failures += build("fwd", dtype, dict(MP=mp, QP=qp, WITH_ARGMAX=True, GROUP=8, **flags, **c), w, s)
         mp, qp, bi, bt = tk._backward_tiles(m, q)
         for kind in ("img", "txt"):
             failures += build(kind, dtype, dict(MP=mp, QP=qp, BI=bi, BT=bt, BD=64, **flags), 8, 3)

@@ -35,12 +35,19 @@ def _meta_sim_fwd_kernel(
     NI, NT, M, Q, D,
     s_ia, s_im, s_id, s_tb, s_tq, s_td, s_sa, s_sb, s_xa, s_xb, s_xq,
     MP: tl.constexpr, QP: tl.constexpr, BI: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
-    WITH_ARGMAX: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+    WITH_ARGMAX: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr, GROUP: tl.constexpr = 8,
 ):
     R: tl.constexpr = BI * MP
     C: tl.constexpr = BT * QP
-    pid_i = tl.program_id(0)
-    pid_t = tl.program_id(1)
+    # 1-D grid (no 65535 limit on a second axis), grouped like Triton's matmul tutorial: GROUP image blocks
+    # sweep the text blocks together, so text tiles are reused from L2 (COCO 5K texts exceed it).
+    pid = tl.program_id(0)
+    blocks_i = tl.cdiv(NI, BI)
+    per_group = GROUP * tl.cdiv(NT, BT)
+    first_i = (pid // per_group) * GROUP
+    group_size = tl.minimum(blocks_i - first_i, GROUP)
+    pid_i = first_i + (pid % per_group) % group_size
+    pid_t = (pid % per_group) // group_size
     rows = tl.arange(0, R)
     cols = tl.arange(0, C)
     a = (pid_i * BI + rows // MP).to(tl.int64)  # image of each row (int64: offsets of big evaluations)
@@ -250,10 +257,10 @@ def meta_sim_forward(img: torch.Tensor, txt: torch.Tensor, with_argmax: bool, *,
     if AUTOTUNE and not INTERPRET and tile_rows is None and tile_cols is None and 2 * ni * nt * m * q * d >= 2**32:
         mp, qp = _pow2(m), _pow2(q)
         kernel = _tuned_forward(mp, qp, half)
-        kernel[lambda meta: (triton.cdiv(ni, meta["BI"]), triton.cdiv(nt, meta["BT"]))](*args, MP=mp, QP=qp, **flags)
+        kernel[lambda meta: (triton.cdiv(ni, meta["BI"]) * triton.cdiv(nt, meta["BT"]),)](*args, MP=mp, QP=qp, **flags)
         return scores, argmax
     mp, qp, bi, bt = _tiles(m, q, tile_rows, tile_cols)
-    _meta_sim_fwd_kernel[(triton.cdiv(ni, bi), triton.cdiv(nt, bt))](
+    _meta_sim_fwd_kernel[(triton.cdiv(ni, bi) * triton.cdiv(nt, bt),)](
         *args, MP=mp, QP=qp, BI=bi, BT=bt, BK=64 if half and not INTERPRET else 32, **flags,
         **({} if INTERPRET else {"num_warps": 8, "num_stages": 3}))
     return scores, argmax
