@@ -300,6 +300,17 @@ def test_triton_non_contiguous_ties_and_expanded_grad():
 
 
 @pytest.mark.triton_interpret
+def test_triton_empty_batch():
+    from vse_kernels.ops.meta_sim import triton_kernels as tk
+
+    img, txt = torch.randn(3, 2, 16), torch.randn(0, 2, 16)
+    scores, argmax = tk.meta_sim_forward(img, txt, True)
+    assert scores.shape == (3, 0) and argmax.shape == (3, 0, 2)
+    grad_img, grad_txt = tk.meta_sim_backward(torch.randn(3, 0), img, txt, argmax)
+    assert torch.equal(grad_img, torch.zeros_like(img)) and grad_txt.shape == txt.shape
+
+
+@pytest.mark.triton_interpret
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_triton_half_inputs(dtype):
     from vse_kernels.ops.meta_sim import triton_kernels as tk

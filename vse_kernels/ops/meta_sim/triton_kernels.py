@@ -276,8 +276,8 @@ def meta_sim_backward(grad: torch.Tensor, img: torch.Tensor, txt: torch.Tensor, 
     argmax = argmax.contiguous()
     grad_img = torch.empty((ni, m, d), dtype=img.dtype, device=img.device)
     grad_txt = torch.empty((nt, q, d), dtype=txt.dtype, device=txt.device)
-    if ni == 0 or nt == 0:
-        return grad_img, grad_txt
+    if ni == 0 or nt == 0:  # nothing to route: the gradients are zero
+        return grad_img.zero_(), grad_txt.zero_()
     mp, qp, bi, bt = _backward_tiles(m, q, tile_rows, tile_cols)
     bd = block_d or (32 if INTERPRET else 64)
     upcast = INTERPRET or img.dtype == torch.float32
