@@ -36,6 +36,11 @@ from . import RetrievalModel, register_model
 LOSS_NAMES = ("rank_fused", "rank_instance", "rank_consensus", "kl")
 
 
+def _at_least_fp32(x: torch.Tensor) -> torch.Tensor:
+    """Losses in fp32 under autocast; float64 stays (the backend equality test runs in float64)."""
+    return x if x.dtype == torch.float64 else x.float()
+
+
 @register_model("mh-cvse")
 class MHCVSE(RetrievalModel):
     default_options = {
@@ -207,13 +212,14 @@ class MHCVSE(RetrievalModel):
         max_violation = epoch >= o["warmup_epochs"]
 
         def rank(v, t):
-            return hinge_triplet_loss((v @ t.t()).float(), margin=o["margin"], max_violation=max_violation,
+            return hinge_triplet_loss(_at_least_fp32(v @ t.t()), margin=o["margin"], max_violation=max_violation,
                                       img_ids=batch.img_ids, backend=o["backend"])
 
         # KL(s_t || s_v): F.kl_div(input=log s_v, target=s_t)
-        kl = F.kl_div(torch.log(s_v.float().clamp_min(1e-12)), s_t.float(), reduction=o["kl_reduction"])
+        kl = F.kl_div(torch.log(_at_least_fp32(s_v).clamp_min(1e-12)), _at_least_fp32(s_t),
+                      reduction=o["kl_reduction"])
         terms = torch.stack([rank(v_fused, t_fused), rank(v_inst, t_inst), rank(v_cons, t_cons), kl])
-        weights = loss_weights(terms, self.base_loss_weights, o["dynamic_loss_weights"])
+        weights = loss_weights(terms, self.base_loss_weights.to(terms.dtype), o["dynamic_loss_weights"])
         total = (weights * terms).sum()
         logs = {"loss": total.item()}
         logs.update({n: float(v) for n, v in zip(LOSS_NAMES, terms.detach().tolist())})

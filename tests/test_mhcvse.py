@@ -1,0 +1,328 @@
+"""MH-CVSE (SPEC §3.3): concept graph on a hand-computed example, concept selection and labels, the
+kernels and reference backends agreeing (embeddings, scores, loss, parameter gradients) for all three
+fusion modes, the reference path importing no vse_kernels, dynamic loss weights, cosine schedule,
+block similarity, checkpoint buffers, label completion, GloVe, the F30K config."""
+
+from __future__ import annotations
+
+import math
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+
+from vse_models.cvse_parts import (Fusion, caption_labels, concept_adjacency, cooccurrence, loss_weights,
+                                   select_concepts, word_to_concept_map)
+from vse_models.data import Vocabulary, pad_tokens
+from vse_models.data.precomp import Batch
+from vse_models.models import DataInfo, slice_embeddings
+from vse_models.models.mhcvse import MHCVSE
+
+REPO = Path(__file__).resolve().parents[1]
+
+CAPTIONS = [  # 4 images x 3 captions
+    "a red dog on the grass .", "the dog runs on grass", "a dog and a red ball",
+    "a blue car near a tree", "the car is blue", "a tree and a car on the street",
+    "a man with a red hat", "the man rides a horse", "a horse and a man on the grass",
+    "a cat on a blue sofa", "the cat sleeps", "a small cat near the sofa",
+]
+SMALL = dict(embed_size=32, word_dim=16, num_concepts=12, gcn_hidden=24, num_heads=8)
+
+
+def _split():
+    vocab = Vocabulary.build(CAPTIONS, min_count=1)
+    return SimpleNamespace(vocab=vocab, tokens=[vocab.encode(c) for c in CAPTIONS], captions_per_image=3,
+                           n_images=4, n_captions=len(CAPTIONS))
+
+
+def _model(split, **options):
+    info = DataInfo(vocab_size=len(split.vocab), feature_dim=20, set_size=6)
+    m = MHCVSE(MHCVSE.resolve_options({**SMALL, **options}), info)
+    m.prepare(split)
+    return m
+
+
+def _batch(split, caps, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    caps = np.asarray(caps)
+    tokens, lengths, mask = pad_tokens([split.tokens[c] for c in caps])
+    img_ids = torch.from_numpy(caps // 3)
+    return Batch(images=torch.randn(len(caps), 6, 20, generator=g).relu(),
+                 image_lengths=torch.full((len(caps),), 6, dtype=torch.long), tokens=tokens, lengths=lengths,
+                 padding_mask=mask, img_ids=img_ids, caption_ids=torch.from_numpy(caps))
+
+
+# ------------------------------------------------------------------------------------------ graph
+def test_concept_graph_hand_computed():
+    # 10 captions: concept 0 in all, 1 in two, 2 and 3 in one each (always with 0).
+    sets = [[0, 1], [0, 1], [0, 2], [0, 3]] + [[0]] * 6
+    cooc, counts = cooccurrence(sets, 4)
+    np.testing.assert_array_equal(counts, [10, 2, 1, 1])
+    np.testing.assert_array_equal(cooc, [[0, 2, 1, 1], [2, 0, 0, 0], [1, 0, 0, 0], [1, 0, 0, 0]])
+    # P: row 0 = (0, .2, .1, .1); rows 1..3 have P[i, 0] = 1. R = 5^(P-.02) - 5^-.02: P=.2 -> .368 (kept,
+    # >= .3), P=.1 -> .169 (dropped), P=1 -> kept. Binary: B01 = B10 = B20 = B30 = 1. Column sums
+    # (3, 1, 0, 0) -> R10 = R20 = R30 = .25/3, R01 = .25; A = R + I; row sums d = (1.25, 13/12, 13/12, 13/12).
+    a = np.array([[1, .25, 0, 0], [1 / 12, 1, 0, 0], [1 / 12, 0, 1, 0], [1 / 12, 0, 0, 1]])
+    d = np.array([1.25, 13 / 12, 13 / 12, 13 / 12])
+    expected = a.T / np.sqrt(d[:, None] * d[None, :])       # Â_ij = A_ji / sqrt(d_i d_j)
+    assert expected[0, 0] == pytest.approx(0.8) and expected[1, 1] == pytest.approx(12 / 13)
+    assert expected[1, 0] == pytest.approx(0.25 / math.sqrt(1.25 * 13 / 12))
+    np.testing.assert_allclose(concept_adjacency(cooc, counts).numpy(), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_unseen_concepts_keep_only_their_self_loop():
+    adj = concept_adjacency(*cooccurrence([[0, 1]], 3)).numpy()
+    assert adj[2, 2] == pytest.approx(1.0) and adj[2, :2].sum() == 0 and adj[:2, 2].sum() == 0
+    assert np.isfinite(adj).all()
+
+
+def test_concepts_labels_and_prepare_are_deterministic():
+    split = _split()
+    v = split.vocab
+    concepts = select_concepts(split.tokens, v.idx2word, 5)
+    words = [v.idx2word[i] for i in concepts]
+    # blue, car, cat, dog, grass, man, red all occur 3 times: ties alphabetical; stop words and "." never
+    assert words == ["blue", "car", "cat", "dog", "grass"]
+    w2c = word_to_concept_map(concepts, len(v))
+    tokens, _, _ = pad_tokens([split.tokens[0], split.tokens[3]])  # "a red dog on the grass ." / "a blue car near a tree"
+    labels = caption_labels(tokens, w2c, 5)
+    assert labels.tolist() == [[0, 0, 0, 1, 1], [1, 1, 0, 0, 0]]
+
+    m1, m2 = _model(split), _model(split)
+    assert torch.equal(m1.word_to_concept, m2.word_to_concept) and torch.equal(m1.adjacency, m2.adjacency)
+    # image labels = union of its captions' concepts (q = 12: the 10 words seen >= 2 times, then "ball",
+    # "hat" of the words seen once; "runs" is not a concept)
+    img0 = m1.train_image_labels[0].nonzero().flatten().tolist()
+    assert sorted(m1.concept_words[i] for i in img0) == ["ball", "dog", "grass", "red"]
+    # training: y = the image's labels; evaluation: the caption's own concepts
+    b = _batch(split, [1])
+    m1.train()
+    assert m1.text_labels(b)[0].nonzero().flatten().tolist() == img0
+    m1.eval()
+    own = sorted(m1.concept_words[i] for i in m1.text_labels(b)[0].nonzero().flatten().tolist())
+    assert own == ["dog", "grass"]
+
+
+# ---------------------------------------------------------------------------------- backends agree
+def _pair(split, dtype=torch.float32, **options):
+    torch.manual_seed(0)
+    ker = _model(split, backend="kernels", **options).to(dtype)
+    ref = _model(split, backend="reference", **options).to(dtype)
+    ref.load_state_dict(ker.state_dict())
+    return ker, ref
+
+
+def _close(a, b, what):
+    # float64: the two backends differ only in summation order (fp32 gradients reach ~50 through the
+    # softmax(10·) consensus and differ by ~1e-5 relative, so the gradient comparison runs in float64)
+    tol = 1e-9 if a.dtype == torch.float64 else 1e-5
+    torch.testing.assert_close(a, b, rtol=tol * 10, atol=tol, msg=lambda m: f"{what}: {m}")
+
+
+@pytest.mark.parametrize("fusion", Fusion.MODES)
+@pytest.mark.parametrize("dynamic", [True, False])
+def test_kernels_and_reference_agree(fusion, dynamic):
+    split = _split()
+    ker, ref = _pair(split, torch.float64, fusion=fusion, dynamic_loss_weights=dynamic)
+    batch = _batch(split, [0, 1, 3, 5, 6, 8, 9, 11])  # two captions per image: same-image rows masked
+    batch.images = batch.images.double()
+    for epoch in (0, 1):   # all negatives, then hardest (warmup_epochs = 1)
+        ker.options["warmup_epochs"] = ref.options["warmup_epochs"] = 1
+        losses, logs = [], []
+        for m in (ker, ref):
+            m.train()
+            m.zero_grad()
+            torch.manual_seed(1)   # same dropout masks
+            loss, log = m.loss(batch, epoch)
+            loss.backward()
+            losses.append(loss)
+            logs.append(log)
+        _close(losses[0], losses[1], f"loss epoch {epoch}")
+        for k in logs[0]:
+            assert logs[0][k] == pytest.approx(logs[1][k], rel=1e-4, abs=1e-5), k
+        for (name, p), (_, q) in zip(ker.named_parameters(), ref.named_parameters()):
+            assert p.grad is not None, name
+            _close(p.grad, q.grad, f"grad {name}")
+    # evaluation embeddings and scores (BatchNorm running statistics moved identically)
+    ker.eval()
+    ref.eval()
+    with torch.no_grad():
+        ei, et = ker.encode_images(batch), ker.encode_texts(batch)
+        ri, rt = ref.encode_images(batch), ref.encode_texts(batch)
+        for i, (a, b) in enumerate(zip(ei + et, ri + rt)):
+            _close(a, b, f"embedding {i}")
+        _close(ker.similarity(ei, et), ref.similarity(ri, rt), "scores")
+
+
+def test_reference_has_no_nan_on_shortest_caption_and_empty_caption_is_rejected():
+    split = _split()
+    ker, ref = _pair(split)
+    batch = _batch(split, [0, 4])
+    batch.tokens[1, 1:] = 0          # a one-token caption: its attention row keeps one key
+    batch.lengths[1] = 1
+    batch.padding_mask = batch.tokens == 0
+    for m in (ker, ref):
+        m.eval()
+    with torch.no_grad():
+        a, b = ker.encode_texts(batch), ref.encode_texts(batch)
+    assert all(torch.isfinite(x).all() for x in b)
+    _close(a[2], b[2], "fused text embedding")
+    batch.lengths[1] = 0
+    with pytest.raises(ValueError, match="at least one token"):
+        ref.encode_texts(batch)
+
+
+def test_reference_path_imports_no_vse_kernels():
+    script = textwrap.dedent(f"""
+        import sys
+        sys.path.insert(0, {str(REPO / 'tests')!r})
+        import torch
+        from test_mhcvse import _split, _model, _batch
+        split = _split()
+        m = _model(split, backend="reference")
+        loss, _ = m.loss(_batch(split, [0, 3, 6, 9]), 1)
+        loss.backward()
+        m.eval()
+        m.similarity(m.encode_images(_batch(split, [0])), m.encode_texts(_batch(split, [0, 1])))
+        assert "vse_kernels" not in sys.modules, sorted(k for k in sys.modules if "vse_kernels" in k)
+        print("ok")
+    """)
+    r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert r.returncode == 0 and r.stdout.strip().endswith("ok"), r.stderr[-2000:]
+
+
+# ----------------------------------------------------------------------------------- loss, scores
+def test_dynamic_loss_weights_hand_computed():
+    losses = torch.tensor([1.0, 3.0], requires_grad=True)
+    base = torch.tensor([2.0, 1.0])
+    w = loss_weights(losses, base, dynamic=True)    # base * K * L / sum L = (2*2*1/4, 1*2*3/4)
+    torch.testing.assert_close(w, torch.tensor([1.0, 1.5]))
+    assert not w.requires_grad
+    assert torch.equal(loss_weights(losses, base, dynamic=False), base)
+
+
+def test_fixed_weights_loss_is_the_cvse_sum():
+    split = _split()
+    m = _model(split, dynamic_loss_weights=False, backend="reference")
+    m.train()
+    torch.manual_seed(0)
+    loss, logs = m.loss(_batch(split, [0, 3, 6, 9]), 1)
+    expected = 3 * logs["rank_fused"] + 5 * logs["rank_instance"] + logs["rank_consensus"] + 2 * logs["kl"]
+    assert loss.item() == pytest.approx(expected, rel=1e-5)
+    assert logs["kl"] > 0
+
+
+def test_similarity_is_weighted_and_works_on_blocks():
+    split = _split()
+    m = _model(split, backend="reference")
+    m.eval()
+    with torch.no_grad():
+        img, txt = m.encode_images(_batch(split, [0, 3, 6, 9])), m.encode_texts(_batch(split, list(range(12))))
+        full = m.similarity(img, txt)
+        torch.testing.assert_close(full, 0.95 * img[2] @ txt[2].t() + 0.05 * img[1] @ txt[1].t())
+        torch.testing.assert_close(m.similarity(slice_embeddings(img, 1, 3), slice_embeddings(txt, 2, 7)),
+                                   full[1:3, 2:7])
+    for x in img[:3] + txt[:3]:    # instance, consensus and fused embeddings are unit vectors
+        torch.testing.assert_close(x.norm(dim=1), torch.ones(len(x)))
+
+
+def test_each_fusion_mode_learns():
+    split = _split()
+    batch = _batch(split, [0, 3, 6, 9])
+    for fusion in Fusion.MODES:
+        torch.manual_seed(0)
+        m = _model(split, fusion=fusion, backend="reference", text_dropout=0.0)
+        opt = torch.optim.Adam(m.parameters(), 1e-2)
+        first = None
+        for _ in range(8):
+            loss, _ = m.loss(batch, 1)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            first = loss.item() if first is None else first
+        assert loss.item() < first, fusion
+    with pytest.raises(ValueError, match="fusion"):
+        _model(split, fusion="sum")
+
+
+def test_cosine_schedule_and_step_option():
+    split = _split()
+    m = _model(split, eta_min=1e-5)
+    opt = torch.optim.Adam(m.parameters(), lr=1e-3)
+    sched = m.make_scheduler(opt, {"epochs": 4, "lr_milestones": [2], "lr_gamma": 0.1}, 10)
+    lrs = []
+    for _ in range(4):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    expected = [1e-5 + (1e-3 - 1e-5) * (1 + math.cos(math.pi * e / 4)) / 2 for e in range(4)]
+    assert lrs == pytest.approx(expected)
+    assert opt.param_groups[0]["lr"] == pytest.approx(1e-5)
+    m2 = _model(split, lr_schedule="step")
+    opt2 = torch.optim.Adam(m2.parameters(), lr=1e-3)
+    assert isinstance(m2.make_scheduler(opt2, {"lr_milestones": [2], "lr_gamma": 0.1}, 10),
+                      torch.optim.lr_scheduler.MultiStepLR)
+
+
+# -------------------------------------------------------------------------- checkpoint, options
+def test_concept_state_is_saved_and_evaluation_needs_no_training_data():
+    split = _split()
+    m = _model(split, backend="reference")
+    state = m.state_dict()
+    assert "word_to_concept" in state and "adjacency" in state and "train_image_labels" not in state
+    fresh = MHCVSE(m.options, m.info)          # never prepared
+    fresh.load_state_dict(state)
+    for x in (m, fresh):
+        x.eval()
+    batch = _batch(split, [2, 7])
+    with torch.no_grad():
+        for a, b in zip(m.encode_texts(batch), fresh.encode_texts(batch)):
+            torch.testing.assert_close(a, b)
+
+
+def test_label_completion_ors_nearest_captions_labels():
+    split = _split()
+    m = _model(split, backend="reference", label_completion_k=1)
+    m.eval()
+    t_inst = torch.tensor([[1.0, 0], [0.9, 0.1], [0, 1.0]])
+    t_inst = torch.nn.functional.pad(t_inst / t_inst.norm(dim=1, keepdim=True), (0, 30))
+    q = m.options["num_concepts"]
+    labels = torch.zeros(3, q)
+    labels[0, 0] = labels[1, 1] = labels[2, 2] = 1
+    p_t = torch.full((3, q), 1.0 / q)
+    emb = m._text_from_instance(t_inst, p_t, labels, m.concept_embeddings())
+    done = m.complete_text_labels(emb)
+    # nearest of 0 is 1 and vice versa; nearest of 2 is 1
+    assert done[5][:, :3].tolist() == [[1, 1, 0], [1, 1, 0], [0, 1, 1]]
+    assert not torch.allclose(done[1], emb[1]) and torch.equal(done[0], emb[0])
+    assert m.complete_text_labels(emb, k=0) is emb
+
+
+def test_glove_file_sets_word_and_concept_vectors(tmp_path):
+    split = _split()
+    lines = [f"dog {' '.join(['0.5'] * 16)}", f"cat {' '.join(['-0.25'] * 16)}", "zebra " + " ".join(["1"] * 16)]
+    (tmp_path / "glove.txt").write_text("\n".join(lines) + "\n")
+    m = _model(split, glove_path=str(tmp_path / "glove.txt"))
+    v = split.vocab
+    assert torch.equal(m.txt_enc.embed.weight[v.word2idx["dog"]], torch.full((16,), 0.5))
+    assert torch.equal(m.concept_emb[m.concept_words.index("cat")], torch.full((16,), -0.25))
+    (tmp_path / "bad.txt").write_text("dog 1 2 3\n")
+    with pytest.raises(ValueError, match="expected 16 values"):
+        _model(split, glove_path=str(tmp_path / "bad.txt"))
+    with pytest.raises(FileNotFoundError):
+        _model(split, glove_path=str(tmp_path / "missing.txt"))
+
+
+def test_f30k_config_resolves_with_the_papers_recipe():
+    from vse_models.train import build_parser, resolve_config
+
+    cfg = resolve_config(build_parser().parse_args(
+        ["--config", str(REPO / "vse_models/configs/mhcvse_f30k.toml"), "--data", "data/f30k_precomp"]))
+    assert (cfg["model"], cfg["optimizer"], cfg["lr"], cfg["batch_size"], cfg["epochs"]) == ("mh-cvse", "adam", 2e-4, 128, 50)
+    o = MHCVSE.resolve_options(cfg["model_options"])
+    assert (o["embed_size"], o["num_concepts"], o["num_heads"], o["lr_schedule"]) == (1024, 300, 8, "cosine")
