@@ -131,8 +131,9 @@ def _masked_bn(bn: nn.BatchNorm1d, x: torch.Tensor, valid: torch.Tensor | None) 
     """BatchNorm over the valid positions only (padding must not enter the batch statistics)."""
     if valid is None:
         return bn(x.reshape(-1, x.size(-1))).view_as(x)
-    out = x.new_zeros(x.shape)
-    out[valid] = bn(x[valid])
+    y = bn(x[valid])                      # under autocast y's dtype may differ from x's
+    out = y.new_zeros(*x.shape[:-1], y.size(-1))
+    out[valid] = y
     return out
 
 
