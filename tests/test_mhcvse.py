@@ -326,3 +326,28 @@ def test_f30k_config_resolves_with_the_papers_recipe():
     assert (cfg["model"], cfg["optimizer"], cfg["lr"], cfg["batch_size"], cfg["epochs"]) == ("mh-cvse", "adam", 2e-4, 128, 50)
     o = MHCVSE.resolve_options(cfg["model_options"])
     assert (o["embed_size"], o["num_concepts"], o["num_heads"], o["lr_schedule"]) == (1024, 300, 8, "cosine")
+
+
+def test_evaluation_with_label_completion_runs_and_k0_equals_plain_evaluation():
+    from vse_models.evaluation import evaluate_split
+    from vse_models.models.mhcvse import evaluate_with_label_completion
+
+    split = _split()
+    m = _model(split, backend="reference")
+    g = torch.Generator().manual_seed(0)
+    images = torch.randn(4, 6, 20, generator=g).relu()
+
+    class EvalSplit:  # the two Split methods evaluation uses
+        captions_per_image, n_images, n_captions = 3, 4, 12
+
+        def image_batch(self, idx):
+            idx = torch.as_tensor(idx)
+            return Batch(images=images[idx], image_lengths=torch.full((len(idx),), 6), img_ids=idx)
+
+        def caption_batch(self, idx):
+            return _batch(split, list(idx))
+
+    plain = evaluate_split(m, EvalSplit(), batch_size=5)
+    assert evaluate_with_label_completion(m, EvalSplit(), 0, batch_size=5) == plain
+    completed = evaluate_with_label_completion(m, EvalSplit(), 2, batch_size=5)
+    assert set(completed) == set(plain) and 0 <= completed["rsum"] <= 600

@@ -232,3 +232,15 @@ class MHCVSE(RetrievalModel):
         # Stepped once per epoch: T_max = epochs reaches eta_min after the last one.
         return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, config["epochs"]),
                                                           eta_min=self.options["eta_min"])
+
+
+def evaluate_with_label_completion(model: MHCVSE, split, k: int | None = None, *, batch_size: int = 256,
+                                   block: int = 256, device=None, autocast_dtype=None) -> dict:
+    """Retrieval metrics of `split` with test-time label completion (CVSE's reported protocol):
+    `evaluate_split` with the text embeddings passed through `model.complete_text_labels(txt, k)`
+    (k None: the option label_completion_k) between encoding and ranking."""
+    from ..evaluation import encode_split, metrics_from_ranks, streamed_ranks
+
+    img, txt = encode_split(model, split, batch_size, device, autocast_dtype)
+    txt = model.complete_text_labels(txt, k)
+    return metrics_from_ranks(*streamed_ranks(model, img, txt, split.captions_per_image, block))
