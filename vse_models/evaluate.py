@@ -30,15 +30,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto")
     p.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="fp32")
     p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--threads", type=int, help="CPU threads (default: the run's setting, else one per core)")
     p.add_argument("--json", help="also write the metrics to this JSON file")
     return p
 
 
 def evaluate_checkpoint(checkpoint, split="test", *, which="best", fold5=False, data=None, device="auto",
-                        precision="fp32", batch_size=256) -> dict:
+                        precision="fp32", batch_size=256, threads=None) -> dict:
     device = pick_device(device)
     model, vocab, config, meta = load_checkpoint(checkpoint, which, device)
     run = dict(config["run"])
+    if threads or run.get("threads"):
+        torch.set_num_threads(threads or run["threads"])
     if data is not None:
         run["data"] = data
     from .models import DataInfo
@@ -55,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         result = evaluate_checkpoint(args.checkpoint, args.split, which=args.which, fold5=args.fold5,
                                      data=args.data, device=args.device, precision=args.precision,
-                                     batch_size=args.batch_size)
+                                     batch_size=args.batch_size, threads=args.threads)
     except (FileNotFoundError, ValueError) as e:
         print(f"vse-eval: error: {e}", file=sys.stderr)
         return 2
