@@ -55,6 +55,22 @@ def test_region_and_grid_readers_and_batches(tiny_root):
     assert g.grid_size == 4 and torch.equal(g.images[0], g.images[1])
 
 
+def test_grid_cls_token_is_prepended(tiny_root, tmp_path):
+    root = _copy_split(tiny_root, tmp_path / "d")
+    cls = np.arange(12 * 16, dtype=np.float32).reshape(12, 16)
+    np.save(root / "train_grid_cls.npy", cls)
+    s = Split(root, "train", features="grids")
+    assert s.set_size == 17 and s.grid_size == 4
+    b = s.image_batch([3, 0])
+    assert b.images.shape == (2, 17, 16) and b.image_lengths.tolist() == [17, 17]
+    assert torch.equal(b.images[0, 0], torch.from_numpy(cls[3]))
+    assert torch.equal(b.images[1, 1:], torch.from_numpy(np.array(s.images[0])))
+    assert Split(root, "train").set_size == 10  # region features ignore the grid CLS
+    np.save(root / "train_grid_cls.npy", cls[:, :8])
+    with pytest.raises(ValueError, match=r"train_grid_cls.npy: expected CLS features of shape \(12, 16\)"):
+        Split(root, "train", features="grids")
+
+
 def test_each_caption_describes_only_part_of_its_image(tiny_root):
     s = Split(tiny_root, "train")
     nouns = set(NOUNS)

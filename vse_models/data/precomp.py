@@ -9,7 +9,8 @@ Layout of a data folder (SCAN's `f30k_precomp` / `coco_precomp`, and what the sy
     {split}_ids.txt    optional, one id per image (or per caption)
 
 Both feature kinds reach the models as a *set* of vectors per image, `(B, K, F)`; a grid is flattened
-row-major to K = s*s (patch (r, c) at index r*s + c) and `Split.grid_size` gives s. Malformed input
+row-major to K = s*s (patch (r, c) at index r*s + c) and `Split.grid_size` gives s; with a CLS file
+the set is [CLS] + patches (K = s*s + 1, CLS at index 0). Malformed input
 raises an error naming the file (and line).
 """
 
@@ -123,6 +124,13 @@ class Split:
         self.feature_path = self.root / FEATURE_FILES[features].format(split=split)
         self.caption_path = self.root / f"{split}_caps.txt"
         self.images, self.grid_size = load_features(self.feature_path, features)
+        self.cls = None
+        cls_path = self.root / f"{split}_grid_cls.npy"
+        if features == "grids" and cls_path.is_file():
+            self.cls = np.load(cls_path, mmap_mode="r")
+            if self.cls.shape != (self.images.shape[0], self.images.shape[2]):
+                raise ValueError(f"{cls_path}: expected CLS features of shape {(self.images.shape[0], self.images.shape[2])} "
+                                 f"to match {self.feature_path}, got {self.cls.shape}")
         self.captions = read_captions(self.caption_path)
         n, c = len(self.images), len(self.captions)
         if c % n:
@@ -160,7 +168,7 @@ class Split:
 
     @property
     def set_size(self) -> int:
-        return int(self.images.shape[1])
+        return int(self.images.shape[1]) + (self.cls is not None)
 
     def image_of(self, caption_ids) -> np.ndarray:
         return np.asarray(caption_ids) // self.captions_per_image
@@ -169,12 +177,14 @@ class Split:
         # Sorted unique reads from the memory map, then scatter back: cheap on a cold page cache.
         uniq, inverse = np.unique(img_idx, return_inverse=True)
         feats = np.asarray(self.images[uniq], dtype=np.float32)
+        if self.cls is not None:
+            feats = np.concatenate([np.asarray(self.cls[uniq], dtype=np.float32)[:, None], feats], axis=1)
         return torch.from_numpy(feats[inverse.reshape(-1)])
 
     def image_batch(self, img_idx) -> Batch:
         img_idx = np.asarray(img_idx, dtype=np.int64)
         images = self._gather_images(img_idx)
-        return Batch(images=images, image_lengths=torch.full((len(img_idx),), images.size(1), dtype=torch.long),
+        return Batch(images=images, image_lengths=torch.full((len(img_idx),), self.set_size, dtype=torch.long),
                      img_ids=torch.from_numpy(img_idx.copy()), grid_size=self.grid_size)
 
     def caption_batch(self, cap_idx) -> Batch:
