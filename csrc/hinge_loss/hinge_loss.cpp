@@ -55,6 +55,15 @@ void check_backward(const at::Tensor& grad, int64_t batch, const at::Tensor& row
   }
 }
 
+const int64_t* ids_ptr(const at::Tensor& ids) { return ids.defined() ? ids.const_data_ptr<int64_t>() : nullptr; }
+at::Tensor contiguous_ids(const std::optional<at::Tensor>& img_ids) {
+  return img_ids.has_value() ? img_ids->contiguous() : at::Tensor();
+}
+
+at::Tensor positives(const at::Tensor& img, const at::Tensor& txt, at::ScalarType acc) {
+  return (img.to(acc) * txt.to(acc)).sum(1).to(img.scalar_type()).to(acc).contiguous();
+}
+
 namespace {
 
 constexpr int64_t kColumnBlock = 64;  // columns swept together: one contiguous run per row
@@ -131,10 +140,6 @@ void dense_grad_tile(const Tile<scalar_t, acc_t>& t, acc_t g, const int64_t* row
   });
 }
 
-const int64_t* ids_ptr(const at::Tensor& ids) { return ids.defined() ? ids.const_data_ptr<int64_t>() : nullptr; }
-at::Tensor contiguous_ids(const std::optional<at::Tensor>& img_ids) {
-  return img_ids.has_value() ? img_ids->contiguous() : at::Tensor();
-}
 
 Forward forward_cpu(const at::Tensor& scores_in, double margin, bool max_violation,
                     const std::optional<at::Tensor>& img_ids) {
@@ -187,11 +192,6 @@ at::Tensor backward_cpu(const at::Tensor& grad, const at::Tensor& scores_in, dou
                                      rows, cols, G);
   });
   return grad_scores;
-}
-
-// The positives <img_i, txt_i>, rounded to the input dtype as a GEMM's output would be.
-at::Tensor positives(const at::Tensor& img, const at::Tensor& txt, at::ScalarType acc) {
-  return (img.to(acc) * txt.to(acc)).sum(1).to(img.scalar_type()).to(acc).contiguous();
 }
 
 Forward embeddings_forward_cpu(const at::Tensor& img_in, const at::Tensor& txt_in, double margin, bool max_violation,

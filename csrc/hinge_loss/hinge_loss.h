@@ -88,6 +88,11 @@ inline int64_t tile_rows(int64_t batch) {
 
 using Forward = std::tuple<at::Tensor, at::Tensor, at::Tensor>;
 
+const int64_t* ids_ptr(const at::Tensor& ids);                          // nullptr when undefined
+at::Tensor contiguous_ids(const std::optional<at::Tensor>& img_ids);   // undefined when absent
+// The positives <img_i, txt_i> of the embedding op, rounded to the input dtype as a GEMM's output is.
+at::Tensor positives(const at::Tensor& img, const at::Tensor& txt, at::ScalarType acc);
+
 // TORCH_CHECKs on shapes, dtypes and devices; every message names the argument.
 void check_scores(const at::Tensor& scores, const std::optional<at::Tensor>& img_ids);
 void check_embeddings(const at::Tensor& img, const at::Tensor& txt, const std::optional<at::Tensor>& img_ids);

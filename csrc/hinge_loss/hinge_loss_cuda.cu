@@ -21,10 +21,6 @@ constexpr int kRowsPerChunk = 256;  // rows per block in the column pass; chunks
 constexpr int kThreads = 256;
 
 unsigned blocks_for(int64_t n, int threads) { return static_cast<unsigned>((n + threads - 1) / threads); }
-const int64_t* ids_ptr(const at::Tensor& ids) { return ids.defined() ? ids.const_data_ptr<int64_t>() : nullptr; }
-at::Tensor contiguous_ids(const std::optional<at::Tensor>& img_ids) {
-  return img_ids.has_value() ? img_ids->contiguous() : at::Tensor();
-}
 
 // One block per row of the tile: the row's term is final after this tile.
 template <typename scalar_t, typename acc_t>
@@ -264,11 +260,6 @@ at::Tensor backward_cuda(const at::Tensor& grad, const at::Tensor& scores_in, do
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return grad_scores;
-}
-
-// The positives <img_i, txt_i>, rounded to the input dtype as the GEMM's own output would be.
-at::Tensor positives(const at::Tensor& img, const at::Tensor& txt, at::ScalarType acc) {
-  return (img.to(acc) * txt.to(acc)).sum(1).to(img.scalar_type()).to(acc).contiguous();
 }
 
 Forward embeddings_forward_cuda(const at::Tensor& img_in, const at::Tensor& txt_in, double margin,
