@@ -14,8 +14,9 @@ def hinge_triplet_loss_reference(scores: torch.Tensor, margin: float = 0.2, max_
     negative = ~torch.eye(b, dtype=torch.bool, device=scores.device)
     if img_ids is not None:
         negative &= img_ids[:, None] != img_ids[None, :]
-    cost_s = (margin + scores - diag[:, None]).clamp(min=0).masked_fill(~negative, 0)
-    cost_im = (margin + scores - diag[None, :]).clamp(min=0).masked_fill(~negative, 0)
+    # relu, not clamp: zero gradient at an exact hinge boundary, like the kernel (SPEC §1.2).
+    cost_s = torch.relu(margin + scores - diag[:, None]).masked_fill(~negative, 0)
+    cost_im = torch.relu(margin + scores - diag[None, :]).masked_fill(~negative, 0)
     if max_violation:
         loss = cost_s.max(1)[0].sum() + cost_im.max(0)[0].sum()
     else:
@@ -33,3 +34,13 @@ def hinge_triplet_loss(scores, *, margin=0.2, max_violation=True, img_ids=None, 
     if backend == "reference":
         return hinge_triplet_loss_reference(scores, margin, max_violation, img_ids, reduction)
     raise ValueError(f"backend must be 'kernels' or 'reference', got {backend!r}")
+
+
+def hinge_triplet_loss_embeddings(img: torch.Tensor, txt: torch.Tensor, *, backend: str = "kernels",
+                                  **options) -> torch.Tensor:
+    """The hinge loss of `img @ txt.T`; the kernels backend never holds the (B, B) matrix."""
+    if backend == "kernels":
+        import vse_kernels
+
+        return vse_kernels.hinge_triplet_loss_embeddings(img, txt, **options)
+    return hinge_triplet_loss(img @ txt.t(), backend=backend, **options)

@@ -27,6 +27,7 @@ from pathlib import Path
 
 import torch
 
+from . import distributed
 from .checkpoint import load_train_state, load_weights, resolve, save_checkpoint
 from .data import Split, SyntheticConfig, Vocabulary, ensure_synthetic, shuffled_batches
 from .evaluation import METRIC_KEYS, evaluate_split, format_table
@@ -285,8 +286,37 @@ class Logger:
 
 
 # ------------------------------------------------------------------------------------------ train
-def train(cfg: dict, resume: bool = False) -> dict:
+class _GlobalBatchLoss(torch.nn.Module):
+    """What DistributedDataParallel wraps: encode the local batch, gather embeddings (with gradients) and
+    image ids from all ranks, and take the model's loss on the global batch."""
+
+    def __init__(self, model, ctx: distributed.Context):
+        super().__init__()
+        self.model, self.ctx = model, ctx
+
+    def forward(self, batch, epoch: int):
+        img = distributed.gather(self.model.encode_images(batch), self.ctx)
+        txt = distributed.gather(self.model.encode_texts(batch), self.ctx)
+        return self.model.embedding_loss(img, txt, distributed.gather(batch.img_ids, self.ctx), epoch)
+
+
+def _loss_step(model, batch, epoch: int, ctx: distributed.Context, ddp_loss):
+    return ddp_loss(batch, epoch) if ctx.enabled else model.loss(batch, epoch)
+
+
+def train(cfg: dict, resume: bool = False) -> dict | None:
+    """Trains, then evaluates the best checkpoint on test. Under torchrun every rank calls this; rank 0
+    alone writes the run folder and returns the result (the other ranks return None)."""
+    ctx = distributed.setup(pick_device(cfg["device"]))
+    try:
+        return _train(cfg, resume, ctx)
+    finally:
+        distributed.teardown(ctx)
+
+
+def _train(cfg: dict, resume: bool, ctx: distributed.Context) -> dict | None:
     t_start = time.time()
+    say = print if ctx.is_main else (lambda *args, **kwargs: None)
     out = Path(cfg["out"])
     last_dir = resolve(out / "last")
     if last_dir is not None and not resume:
@@ -297,17 +327,23 @@ def train(cfg: dict, resume: bool = False) -> dict:
         cfg = _merge(stored, {k: v for k, v in cfg.items() if k in cfg.get("_explicit", ())})
         state = load_train_state(last_dir)
     elif resume:
-        print(f"note: no checkpoint in {out} yet; starting a new run")
+        say(f"note: no checkpoint in {out} yet; starting a new run")
     cfg = {k: v for k, v in cfg.items() if k != "_explicit"}
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "config.json").write_text(json.dumps(cfg, indent=1))
+    distributed.barrier(ctx)  # every rank has looked for a checkpoint before rank 0 writes one
+    if ctx.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.json").write_text(json.dumps(cfg, indent=1))
 
     if cfg.get("threads"):
         torch.set_num_threads(cfg["threads"])
-    device = pick_device(cfg["device"])
+    device = ctx.device
     amp = autocast_dtype(cfg["precision"], device)
     torch.manual_seed(cfg["seed"])
-    root = data_root(cfg)
+    if not ctx.is_main:
+        distributed.barrier(ctx)  # rank 0 generates the synthetic data set (once) first
+    root = data_root(cfg, verbose=ctx.is_main)
+    if ctx.is_main:
+        distributed.barrier(ctx)
     train_split = load_split(root, "train", None, cfg["features"])
     if state is not None:
         vocab = Vocabulary.load(last_dir / "vocab.json")
@@ -315,7 +351,8 @@ def train(cfg: dict, resume: bool = False) -> dict:
         vocab = Vocabulary.load(cfg["vocab"])
     else:
         vocab = Vocabulary.build(train_split.captions, cfg["vocab_min_count"])
-    vocab.save(out / "vocab.json")
+    if ctx.is_main:
+        vocab.save(out / "vocab.json")
     train_split.set_vocab(vocab)
     info = DataInfo(vocab_size=len(vocab), feature_dim=train_split.feature_dim, set_size=train_split.set_size,
                     grid_size=train_split.grid_size, captions_per_image=train_split.captions_per_image)
@@ -324,10 +361,19 @@ def train(cfg: dict, resume: bool = False) -> dict:
     model = build_model(cfg["model"], cfg["model_options"], info)
     model.prepare(train_split)
     model.to(device)
+    ddp_loss = None
+    if ctx.enabled:
+        # --batch-size is per process: the loss ranks the global batch of batch_size * world_size pairs.
+        distributed.convert_batchnorm(model)
+        ddp_loss = torch.nn.parallel.DistributedDataParallel(
+            _GlobalBatchLoss(model, ctx), device_ids=[device] if device.type == "cuda" else None,
+            find_unused_parameters=True)  # some models leave branches unused (e.g. fusion modes)
+        torch.manual_seed(cfg["seed"] + 7919 * ctx.rank)  # distinct augmentation per rank
     optimizer = make_optimizer(model, cfg)
-    steps_per_epoch = train_split.n_captions // cfg["batch_size"]
+    global_batch = cfg["batch_size"] * ctx.world_size
+    steps_per_epoch = train_split.n_captions // global_batch
     if steps_per_epoch == 0:
-        raise ValueError(f"batch size {cfg['batch_size']} exceeds the {train_split.n_captions} training captions")
+        raise ValueError(f"global batch {global_batch} exceeds the {train_split.n_captions} training captions")
     scheduler = model.make_scheduler(optimizer, cfg, steps_per_epoch)
     scaler = torch.amp.GradScaler(device.type, enabled=cfg["precision"] == "fp16")
 
@@ -344,25 +390,30 @@ def train(cfg: dict, resume: bool = False) -> dict:
         meta = json.loads((last_dir / "meta.json").read_text())
         start_epoch, step, best_rsum = meta["epoch"] + 1, meta["step"], meta["best_rsum"]
         history, best_epoch = meta["history"], meta["best_epoch"]
-        print(f"resuming {out} after epoch {meta['epoch']} (step {step})")
+        if ctx.enabled:  # the saved RNG state is rank 0's: give each rank its own stream again
+            torch.manual_seed(cfg["seed"] + 7919 * ctx.rank + 104_729 * start_epoch)
+        say(f"resuming {out} after epoch {meta['epoch']} (step {step})")
 
     n_params = sum(p.numel() for p in model.parameters())
-    print(f"model {cfg['model']} ({n_params / 1e6:.2f} M parameters) on {device}, data {root} "
+    ranks = f" x {ctx.world_size} processes (global batch {global_batch})" if ctx.enabled else ""
+    say(f"model {cfg['model']} ({n_params / 1e6:.2f} M parameters) on {device}{ranks}, data {root} "
           f"({cfg['features']}: {train_split.n_images} train images, {train_split.n_captions} captions, "
           f"vocab {len(vocab)}), {cfg['epochs']} epochs of {steps_per_epoch} steps", flush=True)
     kill_after = int(os.environ.get(KILL_ENV, "0") or 0)
-    logger = Logger(out)
+    logger = Logger(out) if ctx.is_main else None
     for epoch in range(start_epoch, cfg["epochs"]):
         t0 = time.time()
         model.train()
         gen = torch.Generator().manual_seed(cfg["seed"] * 1_000_003 + epoch)  # same order on resume
-        batches = _progress(list(shuffled_batches(train_split.n_captions, cfg["batch_size"], gen)),
-                            cfg["progress"], desc=f"epoch {epoch + 1}/{cfg['epochs']}")
+        # Global batches of one seeded permutation; each rank takes its slice (a distributed sampler).
+        share = slice(ctx.rank * cfg["batch_size"], (ctx.rank + 1) * cfg["batch_size"])
+        batches = _progress([idx[share] for idx in shuffled_batches(train_split.n_captions, global_batch, gen)],
+                            cfg["progress"] and ctx.is_main, desc=f"epoch {epoch + 1}/{cfg['epochs']}")
         loss_sum, n_batches = 0.0, 0
         for idx in batches:
             batch = train_split.pair_batch(idx).to(device)
             with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
-                loss, logs = model.loss(batch, epoch)
+                loss, logs = _loss_step(model, batch, epoch, ctx, ddp_loss)
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             if cfg["grad_clip"] and cfg["grad_clip"] > 0:
@@ -373,19 +424,22 @@ def train(cfg: dict, resume: bool = False) -> dict:
             step += 1
             loss_sum += float(loss.detach())
             n_batches += 1
-            if cfg["progress"]:
+            if cfg["progress"] and ctx.is_main:
                 batches.set_postfix(loss=f"{float(loss.detach()):.3f}")
             if kill_after and step >= kill_after:
                 os.kill(os.getpid(), signal.SIGKILL)
         lr = optimizer.param_groups[0]["lr"]
         if scheduler is not None:
             scheduler.step()
+        if not ctx.is_main:  # rank 0 evaluates and saves; the others wait for it
+            distributed.barrier(ctx)
+            continue
         dev = evaluate_split(model, dev_split, batch_size=cfg["eval_batch_size"], autocast_dtype=amp)
         record = {"epoch": epoch, "step": step, "train_loss": loss_sum / max(1, n_batches), "lr": lr,
                   "epoch_time_s": round(time.time() - t0, 2), "dev": dev}
         history.append(record)
         improved = dev["rsum"] > best_rsum
-        print(f"epoch {epoch + 1}/{cfg['epochs']}: loss {record['train_loss']:.4f}, dev rsum {dev['rsum']:.1f} "
+        say(f"epoch {epoch + 1}/{cfg['epochs']}: loss {record['train_loss']:.4f}, dev rsum {dev['rsum']:.1f} "
               f"(i2t R@1 {dev['i2t_r1']:.1f}, t2i R@1 {dev['t2i_r1']:.1f}){' *best*' if improved else ''} "
               f"[{record['epoch_time_s']:.0f} s]", flush=True)
         if improved:
@@ -400,6 +454,10 @@ def train(cfg: dict, resume: bool = False) -> dict:
                        "rng_cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}
         save_checkpoint(out / "last", model, config=cfg, vocab=vocab, meta=meta, train_state=train_state)
         logger.write(history)
+        distributed.barrier(ctx)
+
+    if not ctx.is_main:
+        return None
 
     # Final: the best-by-dev checkpoint on the test split (never looked at during training).
     best_dir = resolve(out / "best")

@@ -20,9 +20,13 @@ lookup. The trainer and `vse-eval` use only this contract, so a new model never 
   tensors, each with the batch on dim 0 (several embeddings per side are fine).
 - `similarity(img_emb, txt_emb)`: (Ni, Nt) scores of two embedding blocks. Evaluation calls it on
   blocks sliced along dim 0 (`slice_embeddings`) on the model's device: it must not assume full sets.
-- `loss(batch, epoch)`: (scalar loss, {name: float}) for a training batch of caption/image pairs
-  (`batch.img_ids` marks same-image rows). The default: hinge loss of similarity, all negatives in
-  epochs < `warmup_epochs`, hardest negatives afterwards.
+- `embedding_loss(img_emb, txt_emb, img_ids, epoch)`: (scalar loss, {name: float}) from the encoders'
+  outputs for a batch of caption/image pairs (`img_ids` marks same-image rows). Under torchrun the trainer
+  all-gathers the embeddings (with gradients) and img_ids first, so the loss ranks the global batch.
+  The default: hinge loss of similarity, all negatives in epochs < `warmup_epochs`, hardest negatives
+  afterwards; with the option `tiled_loss` (cosine models) `vse_kernels.hinge_triplet_loss_embeddings`,
+  which never holds the B x B matrix. `loss(batch, epoch)` encodes and calls it: override
+  `embedding_loss`, not `loss`, so that distributed training sees the whole loss.
 - `param_groups(lr)` and `make_scheduler(optimizer, config, steps_per_epoch)`: optional; the defaults are
   one group and MultiStepLR(config lr_milestones, lr_gamma). The scheduler is stepped once per epoch
   (config = the run config: epochs, lr, ... for e.g. cosine annealing over `config["epochs"]`).
@@ -38,7 +42,7 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
-from ..losses import hinge_triplet_loss
+from ..losses import hinge_triplet_loss, hinge_triplet_loss_embeddings
 
 _REGISTRY: dict[str, type["RetrievalModel"]] = {}
 _IMPORT_ERRORS: dict[str, str] = {}
@@ -154,11 +158,15 @@ class RetrievalModel(nn.Module):
         raise NotImplementedError
 
     def loss(self, batch, epoch: int) -> tuple[torch.Tensor, dict]:
-        scores = self.similarity(self.encode_images(batch), self.encode_texts(batch))
-        max_violation = epoch >= self.options.get("warmup_epochs", 0)
-        loss = hinge_triplet_loss(scores.float(), margin=self.options.get("margin", 0.2),
-                                  max_violation=max_violation, img_ids=batch.img_ids,
-                                  backend=self.options.get("backend", "kernels"))
+        return self.embedding_loss(self.encode_images(batch), self.encode_texts(batch), batch.img_ids, epoch)
+
+    def embedding_loss(self, img_emb, txt_emb, img_ids, epoch: int) -> tuple[torch.Tensor, dict]:
+        options = dict(margin=self.options.get("margin", 0.2), max_violation=epoch >= self.options.get("warmup_epochs", 0),
+                       img_ids=img_ids, backend=self.options.get("backend", "kernels"))
+        if self.options.get("tiled_loss"):  # cosine similarity of single embeddings: img_emb @ txt_emb.T
+            loss = hinge_triplet_loss_embeddings(img_emb.float(), txt_emb.float(), **options)
+        else:
+            loss = hinge_triplet_loss(self.similarity(img_emb, txt_emb).float(), **options)
         return loss, {"loss": loss.item()}
 
     def param_groups(self, lr: float) -> list[dict]:

@@ -22,6 +22,7 @@ class VSE(RetrievalModel):
         "region_drop": 0.2,      # VSE∞ drops 20% of the regions of each training image
         "text_dropout": 0.0,
         "backend": "kernels",    # or "reference" (pure PyTorch)
+        "tiled_loss": False,     # hinge loss straight from the embeddings, no B x B matrix (large batches)
         "features": "regions",   # or "grids": the patch grid is used as a set of s*s vectors
     }
     # VSE∞ (BUTD + BiGRU): AdamW 5e-4, batch 128, 25 epochs, x0.1 at epoch 15, grad clip 2.
