@@ -290,6 +290,10 @@ def test_options_are_validated():
     assert m.meta_dim == 512 and m.num_views == 6  # paper defaults (regions)
     g = build_model("avse", {"embed_size": 1024, "features": "grids"}, _info(grid=4))
     assert g.meta_dim == 256 and g.num_views == 2  # code defaults (grids)
+    # unset meta_dim follows D (q = 2 / 4 text units); grid data gets RBS even with features="regions"
+    assert build_model("avse", {"embed_size": 32}, _info()).meta_dim == 16
+    g = build_model("avse", {"embed_size": 32}, _info(grid=4))
+    assert g.meta_dim == 8 and g.grids and g.num_views == 2
 
 
 @pytest.mark.parametrize("features", ["regions", "grids"])

@@ -7,8 +7,9 @@ which is `vse_kernels.meta_sim(img, txt, block_dim=meta_dim)`. Training loss L =
 Views:
 - regions (default): `GroupEncoder` — V = 6 learnable group tokens; each group keeps its top 80%
   regions; shared projection (fc + residual MLP) -> one GPO -> L2 per view [paper supplement].
-- grids (`features="grids"`): `RBSEncoder` — radial bias sampling, V = 2 views, keep 0.8 (train) /
-  0.9 (eval), CLS always kept when present (set_size = s*s + 1, CLS first) [code].
+- grids (`features="grids"`, or any data with a grid size): `RBSEncoder` — radial bias sampling,
+  V = 2 views, keep 0.8 (train) / 0.9 (eval), CLS always kept when present (set_size = s*s + 1,
+  CLS first) [code].
 Text: word embedding -> BiGRU (halves averaged) -> fc(x) + MLP(x) on the valid words -> GPO -> L2.
 
 [ours] choices (the sources are silent or wrong):
@@ -24,7 +25,9 @@ Text: word embedding -> BiGRU (halves averaged) -> fc(x) + MLP(x) on the valid w
   so it runs the einsum path (`aeom_reference`) on both backends;
 - padding (dropped regions, padded words) never reaches the projections' BatchNorm;
 - `embed_size`, `meta_dim` and `num_views` default to the paper's (1024, 512 regions / 256 grids,
-  6 regions / 2 grids); the synthetic preset `configs/avse-synthetic.toml` shrinks D for CPU speed.
+  6 regions / 2 grids); `meta_dim` left unset follows D (D/2 regions, D/4 grids: the paper's q = 2
+  and the code's q = 4 text units at any D); the synthetic preset `configs/avse-synthetic.toml`
+  shrinks D to 256 for CPU speed.
 
 `backend="reference"`: AEOM by einsum and L_m by `losses.hinge_triplet_loss_reference` — pure
 PyTorch, vse_kernels is never imported (the kernels path imports it lazily).
@@ -45,7 +48,7 @@ from . import RetrievalModel, register_model
 class AVSE(RetrievalModel):
     default_options = {
         "embed_size": 1024,          # D [paper]
-        "meta_dim": None,            # unit size; None: 512 for regions [paper], 256 for grids [code]
+        "meta_dim": None,            # unit size; None: D/2 regions, D/4 grids (512 [paper] / 256 [code] at D=1024)
         "num_views": None,           # None: 6 group tokens (regions) [paper], 2 RBS views (grids) [code]
         "group_keep": 0.8,           # each group keeps its top 80% regions [paper]
         "rbs_keep_train": 0.8,       # [code]
@@ -80,12 +83,14 @@ class AVSE(RetrievalModel):
             raise ValueError(f"backend must be 'kernels' or 'reference', got {o['backend']!r}")
         if o["features"] not in ("regions", "grids"):
             raise ValueError(f"features must be 'regions' or 'grids', got {o['features']!r}")
-        grids = o["features"] == "grids"
+        # Grid data (info.grid_size set, e.g. `vse-train --features grids`) always gets RBS views.
+        grids = o["features"] == "grids" or info.grid_size is not None
         d = o["embed_size"]
-        self.meta_dim = o["meta_dim"] or (256 if grids else 512)
+        self.meta_dim = o["meta_dim"] or (d // 4 if grids else d // 2)  # q = 4 / 2 text units
         self.num_views = o["num_views"] or (2 if grids else 6)
         if d % self.meta_dim:
             raise ValueError(f"embed_size {d} must be a multiple of meta_dim {self.meta_dim}")
+        self.grids = grids
         if grids:
             s = info.grid_size
             if not s or info.set_size not in (s * s, s * s + 1):
@@ -107,7 +112,7 @@ class AVSE(RetrievalModel):
     def image_views(self, batch) -> torch.Tensor:
         """(B, V, D) L2-normalised view embeddings."""
         feats, lengths = batch.images, batch.image_lengths
-        if self.options["features"] == "grids":
+        if self.grids:
             return self.img_enc(feats, batch.img_ids)
         if lengths is None:
             lengths = torch.full((feats.size(0),), feats.size(1), dtype=torch.long, device=feats.device)
