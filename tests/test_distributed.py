@@ -55,7 +55,8 @@ def _worker(rank, world_size, port, cache, model_name, result_path):
     try:
         model, train, indices = _setup(cache, model_name)
         distributed.convert_batchnorm(model)
-        ddp = torch.nn.parallel.DistributedDataParallel(_GlobalBatchLoss(model, ctx), find_unused_parameters=True)
+        ddp = torch.nn.parallel.DistributedDataParallel(_GlobalBatchLoss(model, ctx),
+                                                    find_unused_parameters=model.has_unused_parameters)
         share = GLOBAL_BATCH // world_size
         loss, _ = ddp(train.pair_batch(indices[rank * share:(rank + 1) * share]), 1)
         loss.backward()

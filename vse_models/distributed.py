@@ -11,6 +11,7 @@ update equals one process's update on the concatenated batch.
 from __future__ import annotations
 
 import os
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -66,7 +67,9 @@ def gather(x, ctx: Context):
     if isinstance(x, (tuple, list)):
         return type(x)(gather(part, ctx) for part in x)
     if x.is_floating_point() and x.requires_grad:
-        return torch.cat(dist.nn.functional.all_gather(x))
+        with warnings.catch_warnings():  # deprecated in favour of a private API; still the public autograd gather
+            warnings.simplefilter("ignore", FutureWarning)
+            return torch.cat(dist.nn.functional.all_gather(x))
     parts = [torch.empty_like(x) for _ in range(ctx.world_size)]
     dist.all_gather(parts, x.contiguous())
     return torch.cat(parts)

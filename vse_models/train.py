@@ -367,7 +367,7 @@ def _train(cfg: dict, resume: bool, ctx: distributed.Context) -> dict | None:
         distributed.convert_batchnorm(model)
         ddp_loss = torch.nn.parallel.DistributedDataParallel(
             _GlobalBatchLoss(model, ctx), device_ids=[device] if device.type == "cuda" else None,
-            find_unused_parameters=True)  # some models leave branches unused (e.g. fusion modes)
+            find_unused_parameters=model.has_unused_parameters)
         torch.manual_seed(cfg["seed"] + 7919 * ctx.rank)  # distinct augmentation per rank
     optimizer = make_optimizer(model, cfg)
     global_batch = cfg["batch_size"] * ctx.world_size

@@ -27,6 +27,7 @@ lookup. The trainer and `vse-eval` use only this contract, so a new model never 
   afterwards; with the option `tiled_loss` (cosine models) `vse_kernels.hinge_triplet_loss_embeddings`,
   which never holds the B x B matrix. `loss(batch, epoch)` encodes and calls it: override
   `embedding_loss`, not `loss`, so that distributed training sees the whole loss.
+- `has_unused_parameters`: set True when some parameters can get no gradient in a step (tells DDP).
 - `param_groups(lr)` and `make_scheduler(optimizer, config, steps_per_epoch)`: optional; the defaults are
   one group and MultiStepLR(config lr_milestones, lr_gamma). The scheduler is stepped once per epoch
   (config = the run config: epochs, lr, ... for e.g. cosine annealing over `config["epochs"]`).
@@ -126,6 +127,7 @@ class RetrievalModel(nn.Module):
     default_options: dict = {}
     recipe: dict = {}
     feature_kind = "regions"
+    has_unused_parameters = False  # True: some parameters may get no gradient in a step (DDP must look)
 
     def __init__(self, options: dict, info: DataInfo):
         super().__init__()
