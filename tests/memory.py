@@ -1,10 +1,12 @@
-"""Peak host-memory (RSS) growth of one call, measured in a fresh Python process.
+"""Peak host-memory growth of one call, measured in a fresh Python process.
 
 Usage: `rss_growth_mib(setup="import torch; x = torch.randn(1000, 1000)", call="y = x @ x")`.
-`setup` runs first (imports, input allocation, a warm-up call to load lazy libraries); the baseline is the
-process's *current* RSS after it, and the result is the peak RSS (ru_maxrss) after `call` minus that
-baseline. A transient peak inside `setup` above the baseline would inflate the result, so the measure errs
-on the safe side for "grows memory by less than X" tests.
+`setup` runs first (imports, input allocation, a warm-up call to load lazy libraries). The result is the
+peak *anonymous* resident memory (RssAnon: heap and mmap'd buffers, what tensors use) while `call` runs,
+minus its value just before. File-backed pages are left out on purpose: under memory pressure the kernel
+evicts pages of the (multi-GB) torch libraries and faults them back in during the call, which made a plain
+RSS/ru_maxrss measure report gigabytes of "growth" that no allocation caused. The peak is sampled every
+millisecond by a thread (torch ops release the GIL); the buffers that matter live far longer than that.
 """
 
 from __future__ import annotations
@@ -16,21 +18,37 @@ import sys
 import textwrap
 
 _SCRIPT = """
-import json, resource, sys
-def _current_rss_kib():
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * resource.getpagesize() // 1024
+import json, threading, time
+
+def _anon_kib():
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("RssAnon:"):
+                return int(line.split()[1])
+
 {setup}
-_before = _current_rss_kib()
-_peak_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+_before = _anon_kib()
+_peak = [_before]
+_done = threading.Event()
+
+def _sample():
+    while not _done.is_set():
+        _peak[0] = max(_peak[0], _anon_kib())
+        time.sleep(0.001)
+
+_sampler = threading.Thread(target=_sample, daemon=True)
+_sampler.start()
 {call}
-_peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-print("RSS_RESULT " + json.dumps({{"before_kib": _before, "peak_before_kib": _peak_before, "peak_kib": _peak}}))
+_done.set()
+_sampler.join()
+_peak[0] = max(_peak[0], _anon_kib())
+print("RSS_RESULT " + json.dumps({{"before_kib": _before, "peak_kib": _peak[0]}}))
 """
 
 
 def rss_growth_mib(setup: str, call: str, *, env: dict[str, str] | None = None, timeout: float = 600) -> float:
-    """Peak RSS growth in MiB caused by running `call` after `setup` in a new interpreter (Linux only)."""
+    """Peak anonymous-memory growth in MiB caused by running `call` after `setup` in a new interpreter
+    (Linux only)."""
     script = _SCRIPT.format(setup=textwrap.dedent(setup), call=textwrap.dedent(call))
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=timeout,
                             env={**os.environ, **(env or {})})
