@@ -140,13 +140,16 @@ class AVSE(RetrievalModel):
         return aeom_reference(img_emb, txt_emb, self.meta_dim)
 
     # ---------------------------------------------------------------------------------------- loss
-    def loss(self, batch, epoch: int):
+    def embedding_loss(self, img_emb: torch.Tensor, txt_emb: torch.Tensor, img_ids, epoch: int):
+        """L_m + reg_weight * L_reg from the (B, V·D) image and (B, D) text embeddings (the registry's
+        contract: `loss(batch, epoch)` encodes and calls this; under torchrun on the gathered batch)."""
         o = self.options
-        views = self.image_views(batch)
-        txt = self.encode_texts(batch)
-        scores = self.similarity(views.reshape(views.size(0), -1), txt).float()
+        scores = self.similarity(img_emb, txt_emb).float()
         l_m = hinge_triplet_loss(scores, margin=o["margin"], max_violation=epoch >= o["warmup_epochs"],
-                                 img_ids=batch.img_ids, backend=o["backend"])
-        l_reg = view_regularizer(views, o["reg_lambda"], o["reg_form"]) if o["reg_weight"] else scores.new_zeros(())
+                                 img_ids=img_ids, backend=o["backend"])
+        if o["reg_weight"]:
+            l_reg = view_regularizer(img_emb.view(img_emb.size(0), self.num_views, -1), o["reg_lambda"], o["reg_form"])
+        else:
+            l_reg = scores.new_zeros(())
         loss = l_m + o["reg_weight"] * l_reg
         return loss, {"loss": loss.item(), "l_m": l_m.item(), "l_reg": l_reg.item()}
