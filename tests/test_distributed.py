@@ -20,6 +20,7 @@ TINY_DATA = {"n_train": 40, "n_dev": 10, "n_test": 10, "n_regions": 8, "feat_dim
 # Augmentation and dropout off: the two runs must compute the same function.
 MODEL_OPTIONS = {
     "vse": {"embed_size": 32, "word_dim": 16, "region_drop": 0.0},
+    "avse": {"embed_size": 32, "word_dim": 16, "region_drop": 0.0},
 }
 GLOBAL_BATCH = 12
 
@@ -79,8 +80,12 @@ def test_two_processes_equal_one_on_the_concatenated_batch(tmp_path, model_name)
     result = torch.load(result_path)
     torch.testing.assert_close(result["loss"], loss.detach(), rtol=1e-5, atol=1e-5)
     assert result["grads"].keys() == expected.keys()
+    # float32 sums over the batch in another order, so compare norms: each gradient within 1e-4 of its own
+    # norm plus 1e-4 of the largest one (biases feeding BatchNorm have a true gradient of 0 and only noise).
+    largest = max(float(g.norm()) for g in expected.values())
     for name, grad in expected.items():
-        torch.testing.assert_close(result["grads"][name], grad, rtol=1e-4, atol=1e-5, msg=f"gradient of {name}")
+        error = float((result["grads"][name] - grad).norm())
+        assert error <= 1e-4 * float(grad.norm()) + 1e-4 * largest, f"gradient of {name}: error {error:.3g}"
 
 
 @pytest.mark.slow
@@ -115,4 +120,4 @@ def test_tiled_loss_option_trains_the_same(tmp_path):
     (loss_a, grads_a), (loss_b, grads_b) = results
     torch.testing.assert_close(loss_b, loss_a)
     for name, grad in grads_a.items():
-        torch.testing.assert_close(grads_b[name], grad, rtol=1e-4, atol=1e-6, msg=f"gradient of {name}")
+        torch.testing.assert_close(grads_b[name], grad, rtol=1e-4, atol=1e-6, msg=lambda m, name=name: f"gradient of {name}: {m}")

@@ -86,7 +86,9 @@ class GlobalBatchNorm1d(nn.BatchNorm1d):
         channels_last = x.movedim(1, -1).reshape(-1, x.size(1)).float()
         stats = torch.stack([channels_last.sum(0), (channels_last * channels_last).sum(0),
                              torch.full_like(channels_last[0], channels_last.size(0))])
-        total, square_total, count = dist.nn.functional.all_reduce(stats)
+        with warnings.catch_warnings():  # see gather()
+            warnings.simplefilter("ignore", FutureWarning)
+            total, square_total, count = dist.nn.functional.all_reduce(stats)
         mean = total / count
         var = square_total / count - mean * mean
         with torch.no_grad():
