@@ -21,6 +21,8 @@ TINY_DATA = {"n_train": 40, "n_dev": 10, "n_test": 10, "n_regions": 8, "feat_dim
 MODEL_OPTIONS = {
     "vse": {"embed_size": 32, "word_dim": 16, "region_drop": 0.0},
     "avse": {"embed_size": 32, "word_dim": 16, "region_drop": 0.0},
+    "mh-cvse": {"embed_size": 32, "word_dim": 16, "num_concepts": 12, "gcn_hidden": 16, "num_heads": 4,
+                "text_dropout": 0.0},
 }
 GLOBAL_BATCH = 12
 
@@ -48,6 +50,16 @@ def _setup(cache, model_name):
 
 def _grads(model):
     return {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+
+
+def assert_same_gradients(actual: dict, expected: dict):
+    """float32 sums over the batch in another order, so compare norms: each gradient within 1e-4 of its own
+    norm plus 1e-4 of the largest one (biases feeding BatchNorm have a true gradient of 0 and only noise)."""
+    assert actual.keys() == expected.keys()
+    largest = max(float(g.norm()) for g in expected.values())
+    for name, grad in expected.items():
+        error = float((actual[name] - grad).norm())
+        assert error <= 1e-4 * float(grad.norm()) + 1e-4 * largest, f"gradient of {name}: error {error:.3g}"
 
 
 def _worker(rank, world_size, port, cache, model_name, result_path):
@@ -79,13 +91,7 @@ def test_two_processes_equal_one_on_the_concatenated_batch(tmp_path, model_name)
     mp.spawn(_worker, args=(2, _free_port(), cache, model_name, result_path), nprocs=2)
     result = torch.load(result_path)
     torch.testing.assert_close(result["loss"], loss.detach(), rtol=1e-5, atol=1e-5)
-    assert result["grads"].keys() == expected.keys()
-    # float32 sums over the batch in another order, so compare norms: each gradient within 1e-4 of its own
-    # norm plus 1e-4 of the largest one (biases feeding BatchNorm have a true gradient of 0 and only noise).
-    largest = max(float(g.norm()) for g in expected.values())
-    for name, grad in expected.items():
-        error = float((result["grads"][name] - grad).norm())
-        assert error <= 1e-4 * float(grad.norm()) + 1e-4 * largest, f"gradient of {name}: error {error:.3g}"
+    assert_same_gradients(result["grads"], expected)
 
 
 @pytest.mark.slow
@@ -105,19 +111,19 @@ def test_torchrun_two_processes_complete_a_run(tmp_path):
     assert (out / "last" / "model.safetensors").exists() or any((out / "last").rglob("*.safetensors"))
 
 
-def test_tiled_loss_option_trains_the_same(tmp_path):
+@pytest.mark.parametrize("model_name", ["vse", "mh-cvse"])
+def test_tiled_loss_option_trains_the_same(tmp_path, model_name):
     # `tiled_loss` (vse_kernels.hinge_triplet_loss_embeddings) must not change the loss or any gradient.
     results = []
     for tiled in (False, True):
-        MODEL_OPTIONS["vse"]["tiled_loss"] = tiled
+        MODEL_OPTIONS[model_name]["tiled_loss"] = tiled
         try:
-            model, train, indices = _setup(tmp_path / "cache", "vse")
+            model, train, indices = _setup(tmp_path / "cache", model_name)
         finally:
-            MODEL_OPTIONS["vse"].pop("tiled_loss")
+            MODEL_OPTIONS[model_name].pop("tiled_loss")
         loss, _ = model.loss(train.pair_batch(indices), 1)
         loss.backward()
         results.append((loss.detach(), _grads(model)))
     (loss_a, grads_a), (loss_b, grads_b) = results
     torch.testing.assert_close(loss_b, loss_a)
-    for name, grad in grads_a.items():
-        torch.testing.assert_close(grads_b[name], grad, rtol=1e-4, atol=1e-6, msg=lambda m, name=name: f"gradient of {name}: {m}")
+    assert_same_gradients(grads_b, grads_a)

@@ -30,7 +30,7 @@ from ..cvse_parts import (GCN, AttentionPool, ConsensusLevel, Fusion, SelfAttent
                           concept_adjacency, cooccurrence, loss_weights, read_glove, select_concepts,
                           text_concept_distribution, word_to_concept_map)
 from ..layers import BiGRUTextEncoder, RegionEncoder, l2norm, padding_mask
-from ..losses import hinge_triplet_loss
+from ..losses import hinge_triplet_loss, hinge_triplet_loss_embeddings
 from . import RetrievalModel, register_model
 
 LOSS_NAMES = ("rank_fused", "rank_instance", "rank_consensus", "kl")
@@ -65,6 +65,7 @@ class MHCVSE(RetrievalModel):
         "glove_path": None,          # local GloVe text file for word and concept vectors
         "label_completion_k": 0,     # test-time label completion: k nearest captions (0 = off)
         "backend": "kernels",        # or "reference" (pure PyTorch)
+        "tiled_loss": False,         # rank losses straight from the embeddings, no B x B matrices
         "features": "regions",
     }
     # CVSE on F30K: Adam 2e-4, batch 128, 50 epochs (x0.1 at 25 there; cosine annealing here), clip 2.
@@ -205,15 +206,17 @@ class MHCVSE(RetrievalModel):
         return w * (img_emb[2] @ txt_emb[2].t()) + (1 - w) * (img_emb[1] @ txt_emb[1].t())
 
     # -------------------------------------------------------------------------------------- loss
-    def loss(self, batch, epoch: int):
-        v_inst, v_cons, v_fused, s_v = self.encode_images(batch)
-        t_inst, t_cons, t_fused, s_t, _, _ = self.encode_texts(batch)
+    def embedding_loss(self, img_emb, txt_emb, img_ids, epoch: int):
+        v_inst, v_cons, v_fused, s_v = img_emb
+        t_inst, t_cons, t_fused, s_t, _, _ = txt_emb
         o = self.options
         max_violation = epoch >= o["warmup_epochs"]
 
-        def rank(v, t):
-            return hinge_triplet_loss(_at_least_fp32(v @ t.t()), margin=o["margin"], max_violation=max_violation,
-                                      img_ids=batch.img_ids, backend=o["backend"])
+        def rank(v, t):  # each level is a cosine similarity of single embeddings
+            options = dict(margin=o["margin"], max_violation=max_violation, img_ids=img_ids, backend=o["backend"])
+            if o["tiled_loss"]:
+                return hinge_triplet_loss_embeddings(_at_least_fp32(v), _at_least_fp32(t), **options)
+            return hinge_triplet_loss(_at_least_fp32(v @ t.t()), **options)
 
         # KL(s_t || s_v): F.kl_div(input=log s_v, target=s_t)
         kl = F.kl_div(torch.log(_at_least_fp32(s_v).clamp_min(1e-12)), _at_least_fp32(s_t),
