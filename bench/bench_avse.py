@@ -19,7 +19,7 @@ import time
 import pytest
 import torch
 
-from common import DEVICE, HAS_GPU, run_benchmark, synchronize
+from common import DEVICE, HAS_GPU, run_benchmark, synchronize, training_step
 from vse_models.data.precomp import Batch
 from vse_models.evaluation import metrics_from_ranks, streamed_ranks
 from vse_models.models import DataInfo, build_model
@@ -64,19 +64,7 @@ def _train_batch(info):
 def _train_step(setting, backend, precision):
     model, info = _model(setting, backend)
     model.train()
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    batch = _train_batch(info)
-    amp = torch.bfloat16 if precision == "bf16" else None
-
-    def step():
-        with torch.autocast(DEVICE, dtype=amp, enabled=amp is not None):
-            loss, _ = model.loss(batch, 1)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 2.0)
-        opt.step()
-        return loss
-    return step
+    return training_step(model, torch.optim.AdamW(model.parameters(), lr=1e-4), _train_batch(info), precision)
 
 
 def _median_s(fn, iters):

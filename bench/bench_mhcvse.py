@@ -16,7 +16,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from common import DEVICE, HAS_GPU, run_benchmark, synchronize
+from common import DEVICE, HAS_GPU, run_benchmark, synchronize, training_step
 from vse_models.data import Vocabulary
 from vse_models.data.precomp import Batch
 from vse_models.models import DataInfo
@@ -65,18 +65,7 @@ def _setup(backend):
 
 def _step_fn(backend, precision):
     model, opt, batch = _setup(backend)
-    amp = torch.bfloat16 if precision == "bf16" else None
-
-    def step():
-        with torch.autocast(DEVICE, dtype=amp, enabled=amp is not None):
-            loss, _ = model.loss(batch, 1)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 2.0)
-        opt.step()
-        return loss.detach()
-
-    return step
+    return training_step(model, opt, batch, precision)
 
 
 def _median_s(fn, iters):

@@ -41,3 +41,19 @@ def run_benchmark(benchmark, fn, *, rounds: int = 20, warmup: int = 3, **extra):
     benchmark.extra_info.update(device=torch.cuda.get_device_name(0) if HAS_GPU else "cpu",
                                 torch=torch.__version__, peak_mib=peak_memory_mib(fn), **extra)
     return benchmark.pedantic(timed, rounds=rounds, iterations=1)
+
+
+def training_step(model, optimizer, batch, precision: str = "fp32", grad_clip: float = 2.0):
+    """A closure running one optimizer step of a vse_models model (autocast for bf16), as vse-train does."""
+    amp = torch.bfloat16 if precision == "bf16" else None
+
+    def step():
+        with torch.autocast(DEVICE, dtype=amp, enabled=amp is not None):
+            loss, _ = model.loss(batch, 1)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+        optimizer.step()
+        return loss.detach()
+
+    return step
