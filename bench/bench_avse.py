@@ -13,13 +13,11 @@ Precision: fp32 everywhere, plus bf16 autocast on a GPU. Targets on an H100: pac
 reference's training throughput.
 """
 
-import statistics
-import time
 
 import pytest
 import torch
 
-from common import DEVICE, HAS_GPU, run_benchmark, synchronize, training_step
+from common import DEVICE, HAS_GPU, run_benchmark, training_step, median_seconds
 from vse_models.data.precomp import Batch
 from vse_models.evaluation import metrics_from_ranks, streamed_ranks
 from vse_models.models import DataInfo, build_model
@@ -67,17 +65,6 @@ def _train_step(setting, backend, precision):
     return training_step(model, torch.optim.AdamW(model.parameters(), lr=1e-4), _train_batch(info), precision)
 
 
-def _median_s(fn, iters):
-    fn()
-    times = []
-    for _ in range(iters):
-        synchronize()
-        t = time.perf_counter()
-        fn()
-        synchronize()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
-
 
 @pytest.mark.parametrize("precision", PRECISIONS)
 @pytest.mark.parametrize("backend", ["kernels", "reference"])
@@ -86,8 +73,8 @@ def test_avse_train_step(benchmark, setting, backend, precision):
     step = _train_step(setting, backend, precision)
     extra = dict(setting=setting, backend=backend, precision=precision, batch=BATCH)
     if backend == "kernels":
-        ref_s = _median_s(_train_step(setting, "reference", precision), ROUNDS)
-        ours_s = _median_s(step, ROUNDS)
+        ref_s = median_seconds(_train_step(setting, "reference", precision), ROUNDS)
+        ours_s = median_seconds(step, ROUNDS)
         extra.update(speedup_vs_reference=ref_s / ours_s, reference_samples_per_s=BATCH / ref_s)
     run_benchmark(benchmark, step, rounds=ROUNDS, warmup=1, **extra)
     stats = getattr(benchmark, "stats", None)

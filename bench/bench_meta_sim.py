@@ -17,14 +17,12 @@ Targets on an H100: >= 10x the reference at 1000 x 5000, >= 3x at 512^2 fwd+bwd,
 """
 
 import functools
-import statistics
-import time
 
 import pytest
 import torch
 
 import vse_kernels as vk
-from common import DEVICE, HAS_GPU, run_benchmark, synchronize
+from common import DEVICE, HAS_GPU, run_benchmark, median_seconds
 from vse_kernels.ops.meta_sim import meta_sim_reference
 
 SETTINGS = {"region": (12, 2, 512), "grid": (8, 4, 256)}  # (M, Q, d)
@@ -65,24 +63,11 @@ def _step(fn, size, setting, mode):
     return step
 
 
-def _median_s(fn, iters=None):
-    """Median seconds of fn(), synchronised; used for the speedup and dense-rate columns."""
-    iters = iters or ROUNDS
-    fn()
-    times = []
-    for _ in range(iters):
-        synchronize()
-        start = time.perf_counter()
-        fn()
-        synchronize()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
 
 @functools.cache
 def _dense_bf16_tflops(n=8192):
     a, b = (torch.randn(n, n, device="cuda", dtype=torch.bfloat16) for _ in range(2))
-    return 2 * n**3 / _median_s(lambda: a @ b, 20) / 1e12
+    return 2 * n**3 / median_seconds(lambda: a @ b, 20) / 1e12
 
 
 @pytest.mark.parametrize("impl", list(IMPLS))
@@ -102,10 +87,10 @@ def test_meta_sim(benchmark, setting, size, mode, impl):
     try:
         if impl == "vse_kernels":
             try:
-                reference_s = _median_s(_step(_reference, size, setting, mode))
+                reference_s = median_seconds(_step(_reference, size, setting, mode), ROUNDS)
             except torch.OutOfMemoryError:
                 reference_s = None
-            ours_s = _median_s(step)
+            ours_s = median_seconds(step, ROUNDS)
             extra["speedup_vs_reference"] = None if reference_s is None else reference_s / ours_s
             if HAS_GPU and size == (5000, 25000):
                 dense = _dense_bf16_tflops()

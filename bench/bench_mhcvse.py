@@ -10,13 +10,12 @@ extra_info: pairs_per_s (image-caption pairs per second), speedup_vs_reference =
 step time / the package's, both timed in the same process (target >= 1.3x on an H100), peak_mib.
 """
 
-import time
 from types import SimpleNamespace
 
 import pytest
 import torch
 
-from common import DEVICE, HAS_GPU, run_benchmark, synchronize, training_step
+from common import DEVICE, HAS_GPU, run_benchmark, training_step, median_seconds
 from vse_models.data import Vocabulary
 from vse_models.data.precomp import Batch
 from vse_models.models import DataInfo
@@ -68,18 +67,6 @@ def _step_fn(backend, precision):
     return training_step(model, opt, batch, precision)
 
 
-def _median_s(fn, iters):
-    for _ in range(2):
-        fn()
-    times = []
-    for _ in range(iters):
-        synchronize()
-        t0 = time.perf_counter()
-        fn()
-        synchronize()
-        times.append(time.perf_counter() - t0)
-    return sorted(times)[len(times) // 2]
-
 
 @pytest.mark.parametrize("precision", PRECISIONS)
 @pytest.mark.parametrize("backend", ["kernels", "reference"])
@@ -91,4 +78,4 @@ def test_mhcvse_train_step(benchmark, backend, precision):
     benchmark.extra_info["pairs_per_s"] = SIZES["batch"] / benchmark.stats.stats.median
     if backend == "kernels":
         ours = benchmark.stats.stats.median
-        benchmark.extra_info["speedup_vs_reference"] = _median_s(_step_fn("reference", precision), ROUNDS) / ours
+        benchmark.extra_info["speedup_vs_reference"] = median_seconds(_step_fn("reference", precision), ROUNDS) / ours

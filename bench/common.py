@@ -4,6 +4,9 @@ Each benchmark records device, versions and, on CUDA, the peak memory allocated 
 benchmark.extra_info, so `--benchmark-json` output carries everything.
 """
 
+import statistics
+import time
+
 import torch
 
 HAS_GPU = torch.cuda.is_available()
@@ -57,3 +60,17 @@ def training_step(model, optimizer, batch, precision: str = "fp32", grad_clip: f
         return loss.detach()
 
     return step
+
+
+def median_seconds(fn, iters: int, warmup: int = 1) -> float:
+    """Median wall seconds of fn() (synchronised), for comparison columns outside pytest-benchmark's timer."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(iters):
+        synchronize()
+        start = time.perf_counter()
+        fn()
+        synchronize()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
