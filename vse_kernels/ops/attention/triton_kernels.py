@@ -33,6 +33,29 @@ _LOG2E = 1.4426950408889634
 
 
 @triton.jit
+def _load_pair_keys(K, V, MASK, pair, H, Lk, skb, skh, skl, skd, svb, svh, svl, svd, offs_n, offs_d, n_ok, kv_ok,
+                    HAS_MASK: tl.constexpr, UPCAST: tl.constexpr):
+    """The K and V tiles of one (batch, head) pair and which of its keys may be attended (forward and
+    backward share this prologue; Triton inlines it).
+
+    int64 offsets: B·H·L·Dh can exceed 2**31 elements at the batch sizes this is built for. The per-pair part
+    is folded into 1-D row offsets so that no loop-invariant 2-D offset tensor is hoisted out of the pair loop
+    (that costs ~64 registers per tensor and made ptxas spill)."""
+    b = (pair // H).to(tl.int64)
+    h = (pair % H).to(tl.int64)
+    k = tl.load(K + (b * skb + h * skh + offs_n * skl)[:, None] + (offs_d * skd)[None, :], mask=kv_ok, other=0.0)
+    v = tl.load(V + (b * svb + h * svh + offs_n * svl)[:, None] + (offs_d * svd)[None, :], mask=kv_ok, other=0.0)
+    if UPCAST:
+        k = k.to(tl.float32)
+        v = v.to(tl.float32)
+    key_ok = n_ok
+    if HAS_MASK:
+        pad = tl.load(MASK + b * Lk + offs_n, mask=n_ok, other=1)
+        key_ok = key_ok & (pad == 0)
+    return b, h, k, v, key_ok
+
+
+@triton.jit
 def _attn_fwd_kernel(
     Q, K, V, MASK, O, LSE,
     sqb, sqh, sql, sqd, skb, skh, skl, skd, svb, svh, svl, svd, sob, soh, sol, sod,
@@ -51,20 +74,8 @@ def _attn_fwd_kernel(
         # The last program's surplus iterations redo pair BH - 1 (same values, same program) instead of
         # branching: a branch-free body lets the compiler pipeline the next pair's loads.
         pair = tl.minimum(pid * PAIRS + i, BH - 1)
-        # int64 offsets: B·H·L·Dh can exceed 2**31 elements at the batch sizes this is built for. The
-        # per-pair part is folded into 1-D row offsets so that no loop-invariant 2-D offset tensor is
-        # hoisted out of the pair loop (that costs ~64 registers per tensor and made ptxas spill).
-        b = (pair // H).to(tl.int64)
-        h = (pair % H).to(tl.int64)
-        k = tl.load(K + (b * skb + h * skh + offs_n * skl)[:, None] + (offs_d * skd)[None, :], mask=kv_ok, other=0.0)
-        v = tl.load(V + (b * svb + h * svh + offs_n * svl)[:, None] + (offs_d * svd)[None, :], mask=kv_ok, other=0.0)
-        if UPCAST:
-            k = k.to(tl.float32)
-            v = v.to(tl.float32)
-        key_ok = n_ok
-        if HAS_MASK:
-            pad = tl.load(MASK + b * Lk + offs_n, mask=n_ok, other=1)
-            key_ok = key_ok & (pad == 0)
+        b, h, k, v, key_ok = _load_pair_keys(K, V, MASK, pair, H, Lk, skb, skh, skl, skd, svb, svh, svl, svd,
+                                             offs_n, offs_d, n_ok, kv_ok, HAS_MASK, UPCAST)
         for m0 in range(0, M_BLOCKS * BLOCK_M, BLOCK_M):
             rows = m0 + offs_m
             r_ok = rows < Lq
@@ -106,17 +117,8 @@ def _attn_bwd_kernel(
         # The last program's surplus iterations redo pair BH - 1 (same values, same program) instead of
         # branching: a branch-free body lets the compiler pipeline the next pair's loads.
         pair = tl.minimum(pid * PAIRS + i, BH - 1)
-        b = (pair // H).to(tl.int64)
-        h = (pair % H).to(tl.int64)
-        k = tl.load(K + (b * skb + h * skh + offs_n * skl)[:, None] + (offs_d * skd)[None, :], mask=kv_ok, other=0.0)
-        v = tl.load(V + (b * svb + h * svh + offs_n * svl)[:, None] + (offs_d * svd)[None, :], mask=kv_ok, other=0.0)
-        if UPCAST:
-            k = k.to(tl.float32)
-            v = v.to(tl.float32)
-        key_ok = n_ok
-        if HAS_MASK:
-            pad = tl.load(MASK + b * Lk + offs_n, mask=n_ok, other=1)
-            key_ok = key_ok & (pad == 0)
+        b, h, k, v, key_ok = _load_pair_keys(K, V, MASK, pair, H, Lk, skb, skh, skl, skd, svb, svh, svl, svd,
+                                             offs_n, offs_d, n_ok, kv_ok, HAS_MASK, UPCAST)
         dk = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
         dv = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
         for m0 in range(0, M_BLOCKS * BLOCK_M, BLOCK_M):
