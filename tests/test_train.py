@@ -52,6 +52,19 @@ def test_gpo_ignores_padding_and_sorts_per_channel():
     assert torch.allclose(gpo(x[:1, perm], lengths[:1])[0], pooled[:1], atol=1e-6)  # order invariant
 
 
+def test_gpo_weights_once_per_distinct_length_equal_per_set_weights():
+    torch.manual_seed(0)
+    gpo = GPO(32, 32)
+    lengths = torch.tensor([5, 3, 5, 1, 3, 5, 2])
+    shared = gpo.pool_weights(lengths, 5)
+    per_set = torch.cat([gpo._weights_per_length(lengths[i:i + 1], 5) for i in range(len(lengths))])
+    torch.testing.assert_close(shared, per_set, rtol=1e-6, atol=1e-7)
+    g = torch.randn_like(shared)
+    grads = [torch.autograd.grad((w * g).sum(), list(gpo.parameters())) for w in (shared, per_set)]
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
 def test_drop_set_elements_packs_kept_elements():
     x = torch.arange(2 * 5, dtype=torch.float32).view(2, 5, 1) + 1
     out, lengths = drop_set_elements(x, torch.tensor([5, 3]), 0.5, torch.Generator().manual_seed(0))

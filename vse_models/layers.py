@@ -47,7 +47,12 @@ class GPO(nn.Module):
         self.linear = nn.Linear(d_hidden, 1, bias=False)
 
     def pool_weights(self, lengths: torch.Tensor, max_len: int) -> torch.Tensor:
-        """(B, max_len, 1) weights over ranks; zero past each length."""
+        """(B, max_len, 1) weights over ranks; zero past each length. The weights depend on the length
+        only, so the GRU runs once per distinct length (a batch of B sets has a few dozen at most)."""
+        distinct, inverse = torch.unique(lengths, return_inverse=True)
+        return self._weights_per_length(distinct, max_len)[inverse]
+
+    def _weights_per_length(self, lengths: torch.Tensor, max_len: int) -> torch.Tensor:
         pad = padding_mask(lengths, max_len)[..., None]
         pes = positional_encoding_1d(self.d_pe, max_len).to(lengths.device)
         pes = pes[None].expand(lengths.size(0), -1, -1).masked_fill(pad, 0)

@@ -246,7 +246,7 @@ class Logger:
         tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
         os.replace(tmp, self.out / "metrics.jsonl")
         with open(self.out / "metrics.csv.tmp", "w", newline="") as fh:
-            w = csv.DictWriter(fh, fieldnames=list(rows[0]))
+            w = csv.DictWriter(fh, fieldnames=list(dict.fromkeys(k for r in rows for k in r)))
             w.writeheader()
             w.writerows(rows)
         os.replace(self.out / "metrics.csv.tmp", self.out / "metrics.csv")
@@ -409,7 +409,7 @@ def _train(cfg: dict, resume: bool, ctx: distributed.Context) -> dict | None:
         share = slice(ctx.rank * cfg["batch_size"], (ctx.rank + 1) * cfg["batch_size"])
         batches = _progress([idx[share] for idx in shuffled_batches(train_split.n_captions, global_batch, gen)],
                             cfg["progress"] and ctx.is_main, desc=f"epoch {epoch + 1}/{cfg['epochs']}")
-        loss_sum, n_batches = 0.0, 0
+        loss_sum, n_batches, part_sums = 0.0, 0, {}
         for idx in batches:
             batch = train_split.pair_batch(idx).to(device)
             with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
@@ -424,6 +424,9 @@ def _train(cfg: dict, resume: bool, ctx: distributed.Context) -> dict | None:
             step += 1
             loss_sum += float(loss.detach())
             n_batches += 1
+            for key, value in logs.items():  # the model's loss terms (e.g. AVSE's l_m, l_reg)
+                if key != "loss":
+                    part_sums[key] = part_sums.get(key, 0.0) + float(value)
             if cfg["progress"] and ctx.is_main:
                 batches.set_postfix(loss=f"{float(loss.detach()):.3f}")
             if kill_after and step >= kill_after:
@@ -436,6 +439,7 @@ def _train(cfg: dict, resume: bool, ctx: distributed.Context) -> dict | None:
             continue
         dev = evaluate_split(model, dev_split, batch_size=cfg["eval_batch_size"], autocast_dtype=amp)
         record = {"epoch": epoch, "step": step, "train_loss": loss_sum / max(1, n_batches), "lr": lr,
+                  **{f"train_{key}": total / max(1, n_batches) for key, total in part_sums.items()},
                   "epoch_time_s": round(time.time() - t0, 2), "dev": dev}
         history.append(record)
         improved = dev["rsum"] > best_rsum
