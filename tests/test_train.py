@@ -147,8 +147,9 @@ def test_config_file_and_command_line_precedence(tmp_path, monkeypatch):
     cfg_file.write_text('epochs = 3\nlr = 1e-3\n[model_options]\nembed_size = 64\n')
     cfg = resolve_config(build_parser().parse_args(["--config", str(cfg_file), "--lr", "0.01"]))
     assert cfg["epochs"] == 3 and cfg["lr"] == 0.01 and cfg["model_options"]["embed_size"] == 64
-    assert cfg["model_options"].get("word_dim") == 128  # from the packaged vse-synthetic preset
-    assert cfg["out"] == os.path.join("runs", "vse-synthetic") and cfg["features"] == "regions"
+    assert cfg["model"] == "avse"  # the default model
+    assert cfg["model_options"]["word_dim"] == 128 and cfg["model_options"]["group_keep"] == 0.5  # its preset
+    assert cfg["out"] == os.path.join("runs", "avse-synthetic") and cfg["features"] == "regions"
     (tmp_path / "bad.json").write_text('{"epochz": 3}')
     with pytest.raises(ValueError, match=r"bad.json: unknown key\(s\) \['epochz'\]"):
         resolve_config(build_parser().parse_args(["--config", str(tmp_path / "bad.json")]))

@@ -1,7 +1,7 @@
 """`vse-train` / `python -m vse_models.train`: train a model, validate on dev each epoch, keep the best
 checkpoint, evaluate it on test (SPEC §5).
 
-With no arguments: the baseline `vse` on the embedded synthetic data set, on CPU in a few minutes.
+With no arguments: AVSE on the embedded synthetic data set, on CPU in a few minutes.
 
 Config precedence (later wins): trainer defaults < the model's recipe < the packaged preset
 `configs/<model>-synthetic.toml` (only with --data synthetic) < --config FILE (TOML or JSON) <
@@ -34,7 +34,7 @@ from .evaluation import METRIC_KEYS, evaluate_split, format_table
 from .models import DataInfo, available_models, build_model, get_model_class
 
 DEFAULTS = {
-    "model": "vse",  # AVSE becomes the default once it beats vse here within 10 min (issue 6)
+    "model": "avse",
     "data": "synthetic",
     "features": None,          # None: the model's choice ("regions" or "grids")
     "out": None,               # None: runs/<model>-<data name>
@@ -119,7 +119,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="vse-train", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     a = p.add_argument
-    a("--model", help=f"model name, one of {available_models()} (default vse)")
+    a("--model", help=f"model name, one of {available_models()} (default avse)")
     a("--data", help="'synthetic' (default: the embedded data set) or a folder in the SCAN precomp layout")
     a("--features", choices=["regions", "grids"], help="feature files to read (default: the model's)")
     a("--epochs", type=int)
