@@ -126,9 +126,10 @@ def _close(a, b, what):
 
 @pytest.mark.parametrize("fusion", Fusion.MODES)
 @pytest.mark.parametrize("dynamic", [True, False])
-def test_kernels_and_reference_agree(fusion, dynamic):
+@pytest.mark.parametrize("region_drop", [0.0, 0.3])  # dropped regions are padding: masked attention keys
+def test_kernels_and_reference_agree(fusion, dynamic, region_drop):
     split = _split()
-    ker, ref = _pair(split, torch.float64, fusion=fusion, dynamic_loss_weights=dynamic)
+    ker, ref = _pair(split, torch.float64, fusion=fusion, dynamic_loss_weights=dynamic, region_drop=region_drop)
     batch = _batch(split, [0, 1, 3, 5, 6, 8, 9, 11])  # two captions per image: same-image rows masked
     batch.images = batch.images.double()
     for epoch in (0, 1):   # all negatives, then hardest (warmup_epochs = 1)
@@ -137,7 +138,7 @@ def test_kernels_and_reference_agree(fusion, dynamic):
         for m in (ker, ref):
             m.train()
             m.zero_grad()
-            torch.manual_seed(1)   # same dropout masks
+            torch.manual_seed(1)   # same dropout masks and dropped regions
             loss, log = m.loss(batch, epoch)
             loss.backward()
             losses.append(loss)

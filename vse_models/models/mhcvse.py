@@ -29,7 +29,7 @@ from torch import nn
 from ..cvse_parts import (GCN, AttentionPool, ConsensusLevel, Fusion, SelfAttentionBlock, caption_labels,
                           concept_adjacency, cooccurrence, loss_weights, read_glove, select_concepts,
                           text_concept_distribution, word_to_concept_map)
-from ..layers import BiGRUTextEncoder, RegionEncoder, l2norm, padding_mask
+from ..layers import BiGRUTextEncoder, RegionEncoder, drop_set_elements, l2norm, padding_mask
 from ..losses import hinge_triplet_loss, hinge_triplet_loss_embeddings
 from . import RetrievalModel, register_model
 
@@ -51,6 +51,7 @@ class MHCVSE(RetrievalModel):
         "num_heads": 8,              # MH-CVSE figure 2
         "self_attention": True,      # False: CVSE's instance level (ablation)
         "text_dropout": 0.4,
+        "region_drop": 0.0,          # [ours] VSE∞'s training-time region dropout (CVSE: none)
         "beta": 0.35,                # F30K (0.4 COCO)
         "fusion": "weight_sum",      # weight_sum | adap_sum | concat
         "fusion_alpha": 0.85,        # weight_sum
@@ -140,8 +141,12 @@ class MHCVSE(RetrievalModel):
         return self.gcn(self.concept_emb, self.adjacency)
 
     def _image_instance(self, batch) -> torch.Tensor:
-        x = self.img_fc(batch.images)
-        lengths = batch.image_lengths
+        feats, lengths = batch.images, batch.image_lengths
+        if lengths is None:
+            lengths = torch.full((feats.size(0),), feats.size(1), dtype=torch.long, device=feats.device)
+        if self.training:
+            feats, lengths = drop_set_elements(feats, lengths, self.options["region_drop"])
+        x = self.img_fc(feats)
         pad = padding_mask(lengths, x.size(1)) if bool((lengths < x.size(1)).any()) else None
         if self.img_attn is not None:
             x = self.img_attn(x, pad)
