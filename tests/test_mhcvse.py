@@ -127,9 +127,11 @@ def _close(a, b, what):
 @pytest.mark.parametrize("fusion", Fusion.MODES)
 @pytest.mark.parametrize("dynamic", [True, False])
 @pytest.mark.parametrize("region_drop", [0.0, 0.3])  # dropped regions are padding: masked attention keys
-def test_kernels_and_reference_agree(fusion, dynamic, region_drop):
+@pytest.mark.parametrize("pooling", ["attention", "gpo"])
+def test_kernels_and_reference_agree(fusion, dynamic, region_drop, pooling):
     split = _split()
-    ker, ref = _pair(split, torch.float64, fusion=fusion, dynamic_loss_weights=dynamic, region_drop=region_drop)
+    ker, ref = _pair(split, torch.float64, fusion=fusion, dynamic_loss_weights=dynamic, region_drop=region_drop,
+                     pooling=pooling)
     batch = _batch(split, [0, 1, 3, 5, 6, 8, 9, 11])  # two captions per image: same-image rows masked
     batch.images = batch.images.double()
     for epoch in (0, 1):   # all negatives, then hardest (warmup_epochs = 1)

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .layers import l2norm
+from .layers import GPO, l2norm
 
 # [ours] CVSE picks nouns/adjectives/verbs with a POS tagger (needs downloads); we take the most frequent
 # caption words after removing these stop words and punctuation.
@@ -159,6 +159,22 @@ class AttentionPool(nn.Module):
             a = a.masked_fill(pad, float("-inf"))
         alpha = torch.softmax(a, dim=1)
         return l2norm((alpha[..., None] * x).sum(1))
+
+
+class InstancePool(nn.Module):
+    """Instance-level pooling of a (B, N, D) set to (B, D) L2-normalised embeddings: "attention" is
+    CVSE's (AttentionPool over the L2-normalised elements); "gpo" [ours] is VSE∞'s GPO on the elements
+    as they are (the baseline's pooling), for the ablation of pooling against the other MH-CVSE parts."""
+
+    def __init__(self, kind: str, dim: int):
+        super().__init__()
+        self.kind = kind
+        self.pool = AttentionPool(dim, dim) if kind == "attention" else GPO(32, 32)
+
+    def forward(self, x: torch.Tensor, lengths: torch.Tensor, pad: torch.Tensor | None) -> torch.Tensor:
+        if self.kind == "attention":
+            return self.pool(l2norm(x), pad)
+        return l2norm(self.pool(x, lengths)[0])
 
 
 class SelfAttentionBlock(nn.Module):

@@ -54,7 +54,7 @@ class GPO(nn.Module):
 
     def _weights_per_length(self, lengths: torch.Tensor, max_len: int) -> torch.Tensor:
         pad = padding_mask(lengths, max_len)[..., None]
-        pes = positional_encoding_1d(self.d_pe, max_len).to(lengths.device)
+        pes = positional_encoding_1d(self.d_pe, max_len).to(lengths.device, self.gru.weight_ih_l0.dtype)
         pes = pes[None].expand(lengths.size(0), -1, -1).masked_fill(pad, 0)
         packed = pack_padded_sequence(pes, lengths.cpu(), batch_first=True, enforce_sorted=False)
         out, _ = pad_packed_sequence(self.gru(packed)[0], batch_first=True, total_length=max_len)

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..cvse_parts import (GCN, AttentionPool, ConsensusLevel, Fusion, SelfAttentionBlock, caption_labels,
+from ..cvse_parts import (GCN, ConsensusLevel, InstancePool, Fusion, SelfAttentionBlock, caption_labels,
                           concept_adjacency, cooccurrence, loss_weights, read_glove, select_concepts,
                           text_concept_distribution, word_to_concept_map)
 from ..layers import BiGRUTextEncoder, RegionEncoder, drop_set_elements, l2norm, padding_mask
@@ -50,6 +50,7 @@ class MHCVSE(RetrievalModel):
         "gcn_hidden": 512,
         "num_heads": 8,              # MH-CVSE figure 2
         "self_attention": True,      # False: CVSE's instance level (ablation)
+        "pooling": "attention",      # CVSE's attention pooling, or [ours] "gpo" (VSE∞'s, as the baseline)
         "text_dropout": 0.4,
         "region_drop": 0.0,          # [ours] VSE∞'s training-time region dropout (CVSE: none)
         "beta": 0.35,                # F30K (0.4 COCO)
@@ -88,7 +89,9 @@ class MHCVSE(RetrievalModel):
         self.txt_enc = BiGRUTextEncoder(info.vocab_size, o["word_dim"], d, dropout=o["text_dropout"])
         self.img_attn = SelfAttentionBlock(d, o["num_heads"], backend) if o["self_attention"] else None
         self.txt_attn = SelfAttentionBlock(d, o["num_heads"], backend) if o["self_attention"] else None
-        self.img_pool, self.txt_pool = AttentionPool(d, d), AttentionPool(d, d)
+        if o["pooling"] not in ("attention", "gpo"):
+            raise ValueError(f"pooling must be 'attention' or 'gpo', got {o['pooling']!r}")
+        self.img_pool, self.txt_pool = (InstancePool(o["pooling"], d) for _ in range(2))
         self.concept_emb = nn.Parameter(torch.empty(q, o["word_dim"]).uniform_(-0.1, 0.1))
         self.gcn = GCN(o["word_dim"], o["gcn_hidden"], d)
         self.img_consensus, self.txt_consensus = ConsensusLevel(d, d), ConsensusLevel(d, d)
@@ -150,7 +153,7 @@ class MHCVSE(RetrievalModel):
         pad = padding_mask(lengths, x.size(1)) if bool((lengths < x.size(1)).any()) else None
         if self.img_attn is not None:
             x = self.img_attn(x, pad)
-        return self.img_pool(l2norm(x), pad)
+        return self.img_pool(x, lengths, pad)
 
     def _text_instance(self, batch) -> torch.Tensor:
         lengths = batch.lengths
@@ -160,7 +163,7 @@ class MHCVSE(RetrievalModel):
         pad = padding_mask(lengths, x.size(1))
         if self.txt_attn is not None:
             x = self.txt_attn(x, pad)
-        return self.txt_pool(l2norm(x), pad)
+        return self.txt_pool(x, lengths, pad)
 
     def encode_images(self, batch):
         """(v_I, v_C, v_F, s_v)."""
