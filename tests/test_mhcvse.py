@@ -106,6 +106,10 @@ def test_concepts_labels_and_prepare_are_deterministic():
     m1.eval()
     own = sorted(m1.concept_words[i] for i in m1.text_labels(b)[0].nonzero().flatten().tolist())
     assert own == ["dog", "grass"]
+    # train_text_labels="caption": the caption's own concepts in training too
+    m1.options["train_text_labels"] = "caption"
+    m1.train()
+    assert sorted(m1.concept_words[i] for i in m1.text_labels(b)[0].nonzero().flatten().tolist()) == own
 
 
 # ---------------------------------------------------------------------------------- backends agree

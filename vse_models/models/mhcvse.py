@@ -54,6 +54,7 @@ class MHCVSE(RetrievalModel):
         "text_dropout": 0.4,
         "region_drop": 0.0,          # [ours] VSE∞'s training-time region dropout (CVSE: none)
         "beta": 0.35,                # F30K (0.4 COCO)
+        "train_text_labels": "image",  # y of a training caption: its image's labels (CVSE) or [ours] "caption"
         "fusion": "weight_sum",      # weight_sum | adap_sum | concat
         "fusion_alpha": 0.85,        # weight_sum
         "loss_weights": [3.0, 5.0, 1.0, 2.0],  # fused, instance, consensus rank; KL (CVSE)
@@ -89,6 +90,8 @@ class MHCVSE(RetrievalModel):
         self.txt_enc = BiGRUTextEncoder(info.vocab_size, o["word_dim"], d, dropout=o["text_dropout"])
         self.img_attn = SelfAttentionBlock(d, o["num_heads"], backend) if o["self_attention"] else None
         self.txt_attn = SelfAttentionBlock(d, o["num_heads"], backend) if o["self_attention"] else None
+        if o["train_text_labels"] not in ("image", "caption"):
+            raise ValueError(f"train_text_labels must be 'image' or 'caption', got {o['train_text_labels']!r}")
         if o["pooling"] not in ("attention", "gpo"):
             raise ValueError(f"pooling must be 'attention' or 'gpo', got {o['pooling']!r}")
         self.img_pool, self.txt_pool = (InstancePool(o["pooling"], d) for _ in range(2))
@@ -174,8 +177,10 @@ class MHCVSE(RetrievalModel):
         return v_inst, v_cons, self.img_fusion(v_inst, v_cons), s_v
 
     def text_labels(self, batch) -> torch.Tensor:
-        """y: in training, the labels of the caption's image (CVSE); otherwise the caption's own concepts."""
-        if self.training and self.train_image_labels.numel() and batch.img_ids is not None:
+        """y: in training, the labels of the caption's image (CVSE; `train_text_labels="caption"`: its own, as
+        at evaluation); otherwise the caption's own concepts."""
+        if (self.training and self.options["train_text_labels"] == "image" and self.train_image_labels.numel()
+                and batch.img_ids is not None):
             return self.train_image_labels[batch.img_ids].float()
         return caption_labels(batch.tokens, self.word_to_concept, self.options["num_concepts"])
 
