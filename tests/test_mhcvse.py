@@ -128,14 +128,18 @@ def _close(a, b, what):
     torch.testing.assert_close(a, b, rtol=tol * 10, atol=tol, msg=lambda m: f"{what}: {m}")
 
 
+# CVSE's instance level, and the ablation options of ours (dropped regions are padding: masked attention keys,
+# kept out of region_mlp's BatchNorm)
+INSTANCE_OPTIONS = [{}, {"region_drop": 0.3}, {"pooling": "gpo"},
+                    {"region_drop": 0.3, "region_mlp": True, "pooling": "gpo"}]
+
+
 @pytest.mark.parametrize("fusion", Fusion.MODES)
 @pytest.mark.parametrize("dynamic", [True, False])
-@pytest.mark.parametrize("region_drop", [0.0, 0.3])  # dropped regions are padding: masked attention keys
-@pytest.mark.parametrize("pooling", ["attention", "gpo"])
-def test_kernels_and_reference_agree(fusion, dynamic, region_drop, pooling):
+@pytest.mark.parametrize("instance", INSTANCE_OPTIONS, ids=lambda o: "-".join(f"{k}={v}" for k, v in o.items()) or "cvse")
+def test_kernels_and_reference_agree(fusion, dynamic, instance):
     split = _split()
-    ker, ref = _pair(split, torch.float64, fusion=fusion, dynamic_loss_weights=dynamic, region_drop=region_drop,
-                     pooling=pooling)
+    ker, ref = _pair(split, torch.float64, fusion=fusion, dynamic_loss_weights=dynamic, **instance)
     batch = _batch(split, [0, 1, 3, 5, 6, 8, 9, 11])  # two captions per image: same-image rows masked
     batch.images = batch.images.double()
     for epoch in (0, 1):   # all negatives, then hardest (warmup_epochs = 1)

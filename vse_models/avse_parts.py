@@ -1,7 +1,5 @@
 """Building blocks of AVSE (SPEC §3.2), pure PyTorch (nothing here imports vse_kernels):
 
-- `project_set`: a per-element projection applied to the valid elements of a padded set only, so
-  BatchNorm statistics never see padding.
 - `GroupEncoder`: V learnable group tokens, hard top-k regions per group, shared projection, one GPO,
   one L2-normalised view per group.
 - Radial Bias Sampling (`rbs_num_kept`, `rbs_fixed_centres`, `rbs_random_centres`, `rbs_indices`) and
@@ -19,19 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .layers import GPO, RegionEncoder, l2norm, padding_mask
-
-
-def project_set(module: nn.Module, x: torch.Tensor, lengths: torch.Tensor | None) -> torch.Tensor:
-    """module applied per element of a (B, N, F) set; padding rows stay 0 and never reach the module
-    (its BatchNorm would otherwise count them)."""
-    if lengths is None or bool((lengths == x.size(1)).all()):
-        return module(x)
-    valid = ~padding_mask(lengths, x.size(1))
-    y = module(x[valid])
-    out = y.new_zeros(x.size(0), x.size(1), y.size(-1))
-    out[valid] = y
-    return out
+from .layers import GPO, RegionEncoder, l2norm, padding_mask, project_set
 
 
 def _floor_ratio(ratio: float, n: torch.Tensor | int):

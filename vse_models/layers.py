@@ -110,6 +110,18 @@ class RegionEncoder(nn.Module):
         return out + self.mlp(features) if self.mlp is not None else out
 
 
+def project_set(module: nn.Module, x: torch.Tensor, lengths: torch.Tensor | None) -> torch.Tensor:
+    """module applied per element of a (B, N, F) set; padding rows stay 0 and never reach the module
+    (its BatchNorm would otherwise count them)."""
+    if lengths is None or bool((lengths == x.size(1)).all()):
+        return module(x)
+    valid = ~padding_mask(lengths, x.size(1))
+    y = module(x[valid])
+    out = y.new_zeros(x.size(0), x.size(1), y.size(-1))
+    out[valid] = y
+    return out
+
+
 class BiGRUTextEncoder(nn.Module):
     """Word embedding -> dropout -> BiGRU(hidden D) with the forward and backward halves averaged.
     Returns per-word features (B, L, D); padded positions are zero."""

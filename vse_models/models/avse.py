@@ -38,8 +38,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..avse_parts import GroupEncoder, RBSEncoder, aeom_reference, project_set, view_regularizer
-from ..layers import GPO, BiGRUTextEncoder, RegionEncoder, drop_set_elements, l2norm
+from ..avse_parts import GroupEncoder, RBSEncoder, aeom_reference, view_regularizer
+from ..layers import GPO, BiGRUTextEncoder, RegionEncoder, drop_set_elements, l2norm, project_set
 from ..losses import hinge_triplet_loss
 from . import RetrievalModel, register_model
 

@@ -29,7 +29,7 @@ from torch import nn
 from ..cvse_parts import (GCN, ConsensusLevel, InstancePool, Fusion, SelfAttentionBlock, caption_labels,
                           concept_adjacency, cooccurrence, loss_weights, read_glove, select_concepts,
                           text_concept_distribution, word_to_concept_map)
-from ..layers import BiGRUTextEncoder, RegionEncoder, drop_set_elements, l2norm, padding_mask
+from ..layers import BiGRUTextEncoder, RegionEncoder, drop_set_elements, l2norm, padding_mask, project_set
 from ..losses import hinge_triplet_loss, hinge_triplet_loss_embeddings
 from . import RetrievalModel, register_model
 
@@ -53,6 +53,7 @@ class MHCVSE(RetrievalModel):
         "pooling": "attention",      # CVSE's attention pooling, or [ours] "gpo" (VSE∞'s, as the baseline)
         "text_dropout": 0.4,
         "region_drop": 0.0,          # [ours] VSE∞'s training-time region dropout (CVSE: none)
+        "region_mlp": False,         # [ours] VSE∞'s residual MLP beside the region Linear (CVSE: Linear only)
         "beta": 0.35,                # F30K (0.4 COCO)
         "train_text_labels": "image",  # y of a training caption: its image's labels (CVSE) or [ours] "caption"
         "fusion": "weight_sum",      # weight_sum | adap_sum | concat
@@ -86,7 +87,7 @@ class MHCVSE(RetrievalModel):
         if o["lr_schedule"] not in ("cosine", "step"):
             raise ValueError(f"lr_schedule must be 'cosine' or 'step', got {o['lr_schedule']!r}")
         backend = o["backend"]
-        self.img_fc = RegionEncoder(info.feature_dim, d, residual_mlp=False)
+        self.img_fc = RegionEncoder(info.feature_dim, d, residual_mlp=o["region_mlp"])
         self.txt_enc = BiGRUTextEncoder(info.vocab_size, o["word_dim"], d, dropout=o["text_dropout"])
         self.img_attn = SelfAttentionBlock(d, o["num_heads"], backend) if o["self_attention"] else None
         self.txt_attn = SelfAttentionBlock(d, o["num_heads"], backend) if o["self_attention"] else None
@@ -152,7 +153,7 @@ class MHCVSE(RetrievalModel):
             lengths = torch.full((feats.size(0),), feats.size(1), dtype=torch.long, device=feats.device)
         if self.training:
             feats, lengths = drop_set_elements(feats, lengths, self.options["region_drop"])
-        x = self.img_fc(feats)
+        x = project_set(self.img_fc, feats, lengths)  # padding never reaches region_mlp's BatchNorm
         pad = padding_mask(lengths, x.size(1)) if bool((lengths < x.size(1)).any()) else None
         if self.img_attn is not None:
             x = self.img_attn(x, pad)
