@@ -16,6 +16,11 @@ concepts, CVSE's y for text in training) are a non-persistent buffer, rebuilt by
 [ours] At evaluation a caption's labels are the concepts its own words mention (no image labels are
 known for a test caption); `complete_text_labels` offers CVSE's test-time label completion as an option.
 
+Ablation options of ours, CVSE's behaviour by default: `region_drop` and `region_mlp` (VSE∞'s region
+dropout and residual MLP), `pooling="gpo"` (the baseline's pooling instead of attention pooling),
+`train_text_labels="caption"` (a training caption keeps its own labels, as at evaluation). Their measured
+effect on the synthetic data is in the README (none closes the gap to the baseline there).
+
 `backend="reference"` uses torch.nn.MultiheadAttention and the pure-PyTorch hinge loss and imports
 nothing from vse_kernels.
 """
