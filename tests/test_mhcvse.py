@@ -259,6 +259,10 @@ def test_each_fusion_mode_learns():
         assert loss.item() < first, fusion
     with pytest.raises(ValueError, match="fusion"):
         _model(split, fusion="sum")
+    with pytest.raises(ValueError, match="pooling must be one of"):
+        _model(split, pooling="max")
+    with pytest.raises(ValueError, match="train_text_labels must be"):
+        _model(split, train_text_labels="both")
 
 
 def test_cosine_schedule_and_step_option():

@@ -166,8 +166,12 @@ class InstancePool(nn.Module):
     CVSE's (AttentionPool over the L2-normalised elements); "gpo" [ours] is VSE∞'s GPO on the elements
     as they are (the baseline's pooling), for the ablation of pooling against the other MH-CVSE parts."""
 
+    KINDS = ("attention", "gpo")
+
     def __init__(self, kind: str, dim: int):
         super().__init__()
+        if kind not in self.KINDS:
+            raise ValueError(f"pooling must be one of {self.KINDS}, got {kind!r}")
         self.kind = kind
         self.pool = AttentionPool(dim, dim) if kind == "attention" else GPO(32, 32)
 

@@ -110,6 +110,13 @@ class RegionEncoder(nn.Module):
         return out + self.mlp(features) if self.mlp is not None else out
 
 
+def set_lengths(features: torch.Tensor, lengths: torch.Tensor | None) -> torch.Tensor:
+    """The (B,) lengths of a (B, N, F) set; None means every set is full (N elements)."""
+    if lengths is not None:
+        return lengths
+    return torch.full((features.size(0),), features.size(1), dtype=torch.long, device=features.device)
+
+
 def project_set(module: nn.Module, x: torch.Tensor, lengths: torch.Tensor | None) -> torch.Tensor:
     """module applied per element of a (B, N, F) set; padding rows stay 0 and never reach the module
     (its BatchNorm would otherwise count them)."""

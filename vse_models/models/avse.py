@@ -39,7 +39,7 @@ import torch
 from torch import nn
 
 from ..avse_parts import GroupEncoder, RBSEncoder, aeom_reference, view_regularizer
-from ..layers import GPO, BiGRUTextEncoder, RegionEncoder, drop_set_elements, l2norm, project_set
+from ..layers import GPO, BiGRUTextEncoder, RegionEncoder, drop_set_elements, l2norm, project_set, set_lengths
 from ..losses import hinge_triplet_loss
 from . import RetrievalModel, register_model
 
@@ -111,11 +111,10 @@ class AVSE(RetrievalModel):
     # ------------------------------------------------------------------------------------ encoders
     def image_views(self, batch) -> torch.Tensor:
         """(B, V, D) L2-normalised view embeddings."""
-        feats, lengths = batch.images, batch.image_lengths
+        feats = batch.images
         if self.grids:
             return self.img_enc(feats, batch.img_ids)
-        if lengths is None:
-            lengths = torch.full((feats.size(0),), feats.size(1), dtype=torch.long, device=feats.device)
+        lengths = set_lengths(feats, batch.image_lengths)
         if self.training:
             feats, lengths = drop_set_elements(feats, lengths, self.options["region_drop"])
         return self.img_enc(feats, lengths)

@@ -34,7 +34,8 @@ from torch import nn
 from ..cvse_parts import (GCN, ConsensusLevel, InstancePool, Fusion, SelfAttentionBlock, caption_labels,
                           concept_adjacency, cooccurrence, loss_weights, read_glove, select_concepts,
                           text_concept_distribution, word_to_concept_map)
-from ..layers import BiGRUTextEncoder, RegionEncoder, drop_set_elements, l2norm, padding_mask, project_set
+from ..layers import (BiGRUTextEncoder, RegionEncoder, drop_set_elements, l2norm, padding_mask, project_set,
+                      set_lengths)
 from ..losses import hinge_triplet_loss, hinge_triplet_loss_embeddings
 from . import RetrievalModel, register_model
 
@@ -91,15 +92,13 @@ class MHCVSE(RetrievalModel):
             raise ValueError(f"kl_reduction must be 'batchmean' or 'sum', got {o['kl_reduction']!r}")
         if o["lr_schedule"] not in ("cosine", "step"):
             raise ValueError(f"lr_schedule must be 'cosine' or 'step', got {o['lr_schedule']!r}")
+        if o["train_text_labels"] not in ("image", "caption"):
+            raise ValueError(f"train_text_labels must be 'image' or 'caption', got {o['train_text_labels']!r}")
         backend = o["backend"]
         self.img_fc = RegionEncoder(info.feature_dim, d, residual_mlp=o["region_mlp"])
         self.txt_enc = BiGRUTextEncoder(info.vocab_size, o["word_dim"], d, dropout=o["text_dropout"])
         self.img_attn = SelfAttentionBlock(d, o["num_heads"], backend) if o["self_attention"] else None
         self.txt_attn = SelfAttentionBlock(d, o["num_heads"], backend) if o["self_attention"] else None
-        if o["train_text_labels"] not in ("image", "caption"):
-            raise ValueError(f"train_text_labels must be 'image' or 'caption', got {o['train_text_labels']!r}")
-        if o["pooling"] not in ("attention", "gpo"):
-            raise ValueError(f"pooling must be 'attention' or 'gpo', got {o['pooling']!r}")
         self.img_pool, self.txt_pool = (InstancePool(o["pooling"], d) for _ in range(2))
         self.concept_emb = nn.Parameter(torch.empty(q, o["word_dim"]).uniform_(-0.1, 0.1))
         self.gcn = GCN(o["word_dim"], o["gcn_hidden"], d)
@@ -153,9 +152,7 @@ class MHCVSE(RetrievalModel):
         return self.gcn(self.concept_emb, self.adjacency)
 
     def _image_instance(self, batch) -> torch.Tensor:
-        feats, lengths = batch.images, batch.image_lengths
-        if lengths is None:
-            lengths = torch.full((feats.size(0),), feats.size(1), dtype=torch.long, device=feats.device)
+        feats, lengths = batch.images, set_lengths(batch.images, batch.image_lengths)
         if self.training:
             feats, lengths = drop_set_elements(feats, lengths, self.options["region_drop"])
         x = project_set(self.img_fc, feats, lengths)  # padding never reaches region_mlp's BatchNorm

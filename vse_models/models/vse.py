@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import torch
 
-from ..layers import GPO, BiGRUTextEncoder, RegionEncoder, drop_set_elements, l2norm
+from ..layers import GPO, BiGRUTextEncoder, RegionEncoder, drop_set_elements, l2norm, set_lengths
 from . import RetrievalModel, register_model
 
 
@@ -38,7 +38,7 @@ class VSE(RetrievalModel):
         self.txt_pool = GPO(o["gpo_dim"], o["gpo_dim"])
 
     def encode_images(self, batch) -> torch.Tensor:
-        feats, lengths = batch.images, batch.image_lengths
+        feats, lengths = batch.images, set_lengths(batch.images, batch.image_lengths)
         if self.training:
             feats, lengths = drop_set_elements(feats, lengths, self.options["region_drop"])
         pooled, _ = self.img_pool(self.img_enc(feats), lengths)
