@@ -16,8 +16,8 @@ import numpy as np
 import pytest
 import torch
 
-from vse_models.cvse_parts import (Fusion, caption_labels, concept_adjacency, cooccurrence, loss_weights,
-                                   select_concepts, word_to_concept_map)
+from vse_models.cvse_parts import (Fusion, SelfAttentionBlock, caption_labels, concept_adjacency, cooccurrence,
+                                   loss_weights, select_concepts, word_to_concept_map)
 from vse_models.data import Vocabulary, pad_tokens
 from vse_models.data.precomp import Batch
 from vse_models.models import DataInfo, slice_embeddings
@@ -117,6 +117,10 @@ def _pair(split, dtype=torch.float32, **options):
     torch.manual_seed(0)
     ker = _model(split, backend="kernels", **options).to(dtype)
     ref = _model(split, backend="reference", **options).to(dtype)
+    with torch.no_grad():  # ReZero's γ starts at 0, which would hide the attention from the comparison
+        for name, p in ker.named_parameters():
+            if name.endswith("gamma"):
+                p.uniform_(0.5, 1.5)
     ref.load_state_dict(ker.state_dict())
     return ker, ref
 
@@ -129,9 +133,11 @@ def _close(a, b, what):
 
 
 # CVSE's instance level, and the ablation options of ours (dropped regions are padding: masked attention keys,
-# kept out of region_mlp's BatchNorm)
+# kept out of region_mlp's BatchNorm), the self-attention's residual forms and sides
 INSTANCE_OPTIONS = [{}, {"region_drop": 0.3}, {"pooling": "gpo"},
-                    {"region_drop": 0.3, "region_mlp": True, "pooling": "gpo"}]
+                    {"region_drop": 0.3, "region_mlp": True, "pooling": "gpo"},
+                    {"attention_residual": "pre_norm", "self_attention": "image"},
+                    {"attention_residual": "rezero", "self_attention": "text", "kl_reduction": "batchmean"}]
 
 
 @pytest.mark.parametrize("fusion", Fusion.MODES)
@@ -261,8 +267,28 @@ def test_each_fusion_mode_learns():
         _model(split, fusion="sum")
     with pytest.raises(ValueError, match="pooling must be one of"):
         _model(split, pooling="max")
-    with pytest.raises(ValueError, match="train_text_labels must be"):
-        _model(split, train_text_labels="both")
+    for option, value in (("train_text_labels", "both"), ("kl_reduction", "mean"), ("lr_schedule", "linear"),
+                          ("attention_residual", "sandwich"), ("self_attention", "both")):
+        with pytest.raises(ValueError, match=f"{option} must be"):
+            _model(split, **{option: value})
+
+
+def test_self_attention_residual_forms_and_sides():
+    torch.manual_seed(0)
+    x, pad = torch.randn(3, 5, 16), torch.tensor([[False] * 5, [False] * 3 + [True] * 2, [False] + [True] * 4])
+    blocks = {r: SelfAttentionBlock(16, 4, "reference", r) for r in SelfAttentionBlock.RESIDUALS}
+    post, pre, rezero = (blocks[r] for r in ("post_norm", "pre_norm", "rezero"))
+    attend = lambda b, y: b.attn(y, y, y, key_padding_mask=pad, need_weights=False)[0]
+    torch.testing.assert_close(post(x, pad), post.norm(x + attend(post, x)))
+    torch.testing.assert_close(pre(x, pad), x + attend(pre, pre.norm(x)))
+    assert torch.equal(rezero(x, pad), x)                  # ReZero starts as the identity ...
+    rezero(x, pad).pow(2).sum().backward()
+    assert rezero.gamma.grad.abs().sum() > 0                # ... and learns how much attention to let in
+    split = _split()
+    for sides, (img, txt) in ((True, (True, True)), ("image", (True, False)), ("text", (False, True)),
+                              (False, (False, False))):
+        m = _model(split, self_attention=sides)
+        assert (m.img_attn is not None, m.txt_attn is not None) == (img, txt), sides
 
 
 def test_cosine_schedule_and_step_option():

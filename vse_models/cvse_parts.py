@@ -182,14 +182,21 @@ class InstancePool(nn.Module):
 
 
 class SelfAttentionBlock(nn.Module):
-    """MH-CVSE's multi-head self-attention before pooling: LayerNorm(x + MHSA(x)) ([ours]: residual +
-    post-LayerNorm). backend "kernels": vse_kernels.nn.MultiheadSelfAttention (imported lazily);
-    "reference": torch.nn.MultiheadAttention. Both have the same parameter names, so a state_dict moves
-    between backends unchanged. Key-padding mask: True = padding; every row must keep ≥ 1 key (the
-    reference returns NaN on a fully masked row, the kernel zeros)."""
+    """MH-CVSE's multi-head self-attention before pooling, as a Transformer sub-layer ([ours]), `residual`:
+    "post_norm" LayerNorm(x + MHSA(x)); "pre_norm" x + MHSA(LayerNorm(x)) (the residual stream stays
+    un-normalised); "rezero" x + γ ⊙ MHSA(LayerNorm(x)) with a per-channel γ that starts at 0 (ReZero /
+    LayerScale: the block starts as the identity and the attention is let in as far as the loss wants it).
+    backend "kernels": vse_kernels.nn.MultiheadSelfAttention
+    (imported lazily); "reference": torch.nn.MultiheadAttention. Both have the same parameter names, so a
+    state_dict moves between backends unchanged. Key-padding mask: True = padding; every row must keep
+    ≥ 1 key (the reference returns NaN on a fully masked row, the kernel zeros)."""
 
-    def __init__(self, dim: int, heads: int, backend: str):
+    RESIDUALS = ("post_norm", "pre_norm", "rezero")
+
+    def __init__(self, dim: int, heads: int, backend: str, residual: str = "post_norm"):
         super().__init__()
+        if residual not in self.RESIDUALS:
+            raise ValueError(f"attention_residual must be one of {self.RESIDUALS}, got {residual!r}")
         if backend == "kernels":
             from vse_kernels.nn import MultiheadSelfAttention
 
@@ -198,15 +205,20 @@ class SelfAttentionBlock(nn.Module):
             self.attn = nn.MultiheadAttention(dim, heads, batch_first=True)
         else:
             raise ValueError(f"backend must be 'kernels' or 'reference', got {backend!r}")
-        self.backend = backend
+        self.backend, self.residual = backend, residual
         self.norm = nn.LayerNorm(dim)
+        self.gamma = nn.Parameter(torch.zeros(dim)) if residual == "rezero" else None
 
     def forward(self, x: torch.Tensor, pad: torch.Tensor | None = None) -> torch.Tensor:
+        if self.residual == "post_norm":
+            return self.norm(x + self._attend(x, pad))
+        out = self._attend(self.norm(x), pad)
+        return x + (out if self.gamma is None else self.gamma * out)
+
+    def _attend(self, x: torch.Tensor, pad: torch.Tensor | None) -> torch.Tensor:
         if self.backend == "kernels":
-            out = self.attn(x, key_padding_mask=pad)
-        else:
-            out = self.attn(x, x, x, key_padding_mask=pad, need_weights=False)[0]
-        return self.norm(x + out)
+            return self.attn(x, key_padding_mask=pad)
+        return self.attn(x, x, x, key_padding_mask=pad, need_weights=False)[0]
 
 
 class ConsensusLevel(nn.Module):

@@ -55,7 +55,8 @@ class MHCVSE(RetrievalModel):
         "num_concepts": 300,         # q (CVSE)
         "gcn_hidden": 512,
         "num_heads": 8,              # MH-CVSE figure 2
-        "self_attention": True,      # False: CVSE's instance level (ablation)
+        "self_attention": True,      # both sides; [ours] "image" or "text": one side only; False: CVSE's instance level
+        "attention_residual": "post_norm",  # [ours] post_norm | pre_norm | rezero (cvse_parts.SelfAttentionBlock)
         "pooling": "attention",      # CVSE's attention pooling, or [ours] "gpo" (VSE∞'s, as the baseline)
         "text_dropout": 0.4,
         "region_drop": 0.0,          # [ours] VSE∞'s training-time region dropout (CVSE: none)
@@ -66,7 +67,7 @@ class MHCVSE(RetrievalModel):
         "fusion_alpha": 0.85,        # weight_sum
         "loss_weights": [3.0, 5.0, 1.0, 2.0],  # fused, instance, consensus rank; KL (CVSE)
         "dynamic_loss_weights": True,  # False: CVSE's fixed weights (ablation)
-        "kl_reduction": "batchmean",   # [ours] or "sum"
+        "kl_reduction": "sum",       # CVSE's code sums KL over batch and concepts; [ours] "batchmean"
         "score_fused_weight": 0.95,    # evaluation: w·<v_F,t_F> + (1 − w)·<v_C,t_C>
         "margin": 0.2,
         "warmup_epochs": 0,          # epochs with all negatives before the hardest (CVSE: none)
@@ -88,17 +89,18 @@ class MHCVSE(RetrievalModel):
         d, q = o["embed_size"], o["num_concepts"]
         if len(o["loss_weights"]) != 4:
             raise ValueError(f"loss_weights must have 4 entries (fused, instance, consensus, kl), got {o['loss_weights']}")
-        if o["kl_reduction"] not in ("batchmean", "sum"):
-            raise ValueError(f"kl_reduction must be 'batchmean' or 'sum', got {o['kl_reduction']!r}")
-        if o["lr_schedule"] not in ("cosine", "step"):
-            raise ValueError(f"lr_schedule must be 'cosine' or 'step', got {o['lr_schedule']!r}")
-        if o["train_text_labels"] not in ("image", "caption"):
-            raise ValueError(f"train_text_labels must be 'image' or 'caption', got {o['train_text_labels']!r}")
+        for name, allowed in (("kl_reduction", ("sum", "batchmean")), ("lr_schedule", ("cosine", "step")),
+                              ("train_text_labels", ("image", "caption"))):
+            if o[name] not in allowed:
+                raise ValueError(f"{name} must be one of {allowed}, got {o[name]!r}")
         backend = o["backend"]
         self.img_fc = RegionEncoder(info.feature_dim, d, residual_mlp=o["region_mlp"])
         self.txt_enc = BiGRUTextEncoder(info.vocab_size, o["word_dim"], d, dropout=o["text_dropout"])
-        self.img_attn = SelfAttentionBlock(d, o["num_heads"], backend) if o["self_attention"] else None
-        self.txt_attn = SelfAttentionBlock(d, o["num_heads"], backend) if o["self_attention"] else None
+        if o["self_attention"] not in (True, False, "image", "text"):
+            raise ValueError(f"self_attention must be true, false, 'image' or 'text', got {o['self_attention']!r}")
+        self.img_attn, self.txt_attn = (
+            SelfAttentionBlock(d, o["num_heads"], backend, o["attention_residual"])
+            if o["self_attention"] in (True, side) else None for side in ("image", "text"))
         self.img_pool, self.txt_pool = (InstancePool(o["pooling"], d) for _ in range(2))
         self.concept_emb = nn.Parameter(torch.empty(q, o["word_dim"]).uniform_(-0.1, 0.1))
         self.gcn = GCN(o["word_dim"], o["gcn_hidden"], d)
