@@ -186,10 +186,10 @@ class SelfAttentionBlock(nn.Module):
     "post_norm" LayerNorm(x + MHSA(x)); "pre_norm" x + MHSA(LayerNorm(x)) (the residual stream stays
     un-normalised); "rezero" x + γ ⊙ MHSA(LayerNorm(x)) with a per-channel γ that starts at 0 (ReZero /
     LayerScale: the block starts as the identity and the attention is let in as far as the loss wants it).
-    backend "kernels": vse_kernels.nn.MultiheadSelfAttention
-    (imported lazily); "reference": torch.nn.MultiheadAttention. Both have the same parameter names, so a
-    state_dict moves between backends unchanged. Key-padding mask: True = padding; every row must keep
-    ≥ 1 key (the reference returns NaN on a fully masked row, the kernel zeros)."""
+    backend "kernels": vse_kernels.nn.MultiheadSelfAttention (imported lazily); "reference":
+    torch.nn.MultiheadAttention. Both have the same parameter names, so a state_dict moves between backends
+    unchanged. Key-padding mask: True = padding; every row must keep ≥ 1 key (the reference returns NaN on a
+    fully masked row, the kernel zeros)."""
 
     RESIDUALS = ("post_norm", "pre_norm", "rezero")
 

@@ -7,7 +7,7 @@ pooling -> t_I. Consensus level: a GCN over the concept co-occurrence graph give
 (q x D); each side predicts a distribution over concepts (text: mixed with its labels) and
 x_C = l2norm(s @ Z). Fusion (weight_sum | adap_sum | concat) gives x_F. Loss:
 w_F·rank(F) + w_I·rank(I) + w_C·rank(C) + w_KL·KL(s_t || s_v), base weights (3, 5, 1, 2), fixed or
-dynamic. Score: 0.95·<v_F, t_F> + 0.05·<v_C, t_C>. Cosine-annealed learning rate.
+dynamic; every term summed over the batch (the KL also over the concepts, as CVSE's code). Score: 0.95·<v_F, t_F> + 0.05·<v_C, t_C>. Cosine-annealed learning rate.
 
 Data state (from `prepare(train_split)`, training captions only, deterministic): the q concept word ids
 (`word_to_concept`, vocab-sized) and the normalised adjacency Â (q x q), both persistent buffers, so a
@@ -16,10 +16,12 @@ concepts, CVSE's y for text in training) are a non-persistent buffer, rebuilt by
 [ours] At evaluation a caption's labels are the concepts its own words mention (no image labels are
 known for a test caption); `complete_text_labels` offers CVSE's test-time label completion as an option.
 
-Ablation options of ours, CVSE's behaviour by default: `region_drop` and `region_mlp` (VSE∞'s region
-dropout and residual MLP), `pooling="gpo"` (the baseline's pooling instead of attention pooling),
-`train_text_labels="caption"` (a training caption keeps its own labels, as at evaluation). Their measured
-effect on the synthetic data is in the README (none closes the gap to the baseline there).
+Ablation options of ours, CVSE's / MH-CVSE's behaviour by default: `region_drop` and `region_mlp` (VSE∞'s
+region dropout and residual MLP), `pooling="gpo"` (the baseline's pooling instead of attention pooling),
+`train_text_labels="caption"` (a training caption keeps its own labels, as at evaluation),
+`self_attention="image"|"text"|false` (on one side only, or none) and `attention_residual`
+("post_norm", "pre_norm", "rezero": cvse_parts.SelfAttentionBlock). Their measured effect on the synthetic
+data is in the README.
 
 `backend="reference"` uses torch.nn.MultiheadAttention and the pure-PyTorch hinge loss and imports
 nothing from vse_kernels.
