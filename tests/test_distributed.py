@@ -90,7 +90,9 @@ def test_two_processes_equal_one_on_the_concatenated_batch(tmp_path, model_name)
     result_path = tmp_path / "rank0.pt"
     mp.spawn(_worker, args=(2, _free_port(), cache, model_name, result_path), nprocs=2)
     result = torch.load(result_path)
-    torch.testing.assert_close(result["loss"], loss.detach(), rtol=1e-5, atol=1e-5)
+    # float32 sums in another order, as for the gradients: mh-cvse's KL summed over batch and concepts makes
+    # its loss ~170, where the two orders differ by ~1e-5 relative
+    torch.testing.assert_close(result["loss"], loss.detach(), rtol=1e-4, atol=1e-5)
     assert_same_gradients(result["grads"], expected)
 
 
