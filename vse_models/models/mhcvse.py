@@ -7,7 +7,8 @@ pooling -> t_I. Consensus level: a GCN over the concept co-occurrence graph give
 (q x D); each side predicts a distribution over concepts (text: mixed with its labels) and
 x_C = l2norm(s @ Z). Fusion (weight_sum | adap_sum | concat) gives x_F. Loss:
 w_F·rank(F) + w_I·rank(I) + w_C·rank(C) + w_KL·KL(s_t || s_v), base weights (3, 5, 1, 2), fixed or
-dynamic; every term summed over the batch (the KL also over the concepts, as CVSE's code). Score: 0.95·<v_F, t_F> + 0.05·<v_C, t_C>. Cosine-annealed learning rate.
+dynamic; every term summed over the batch (the KL also over the concepts, as CVSE's code). Score:
+0.95·<v_F, t_F> + 0.05·<v_C, t_C>. Cosine-annealed learning rate.
 
 Data state (from `prepare(train_split)`, training captions only, deterministic): the q concept word ids
 (`word_to_concept`, vocab-sized) and the normalised adjacency Â (q x q), both persistent buffers, so a
@@ -92,14 +93,14 @@ class MHCVSE(RetrievalModel):
         if len(o["loss_weights"]) != 4:
             raise ValueError(f"loss_weights must have 4 entries (fused, instance, consensus, kl), got {o['loss_weights']}")
         for name, allowed in (("kl_reduction", ("sum", "batchmean")), ("lr_schedule", ("cosine", "step")),
-                              ("train_text_labels", ("image", "caption"))):
+                              ("train_text_labels", ("image", "caption")),
+                              ("self_attention", (True, False, "image", "text")),
+                              ("attention_residual", SelfAttentionBlock.RESIDUALS)):
             if o[name] not in allowed:
                 raise ValueError(f"{name} must be one of {allowed}, got {o[name]!r}")
         backend = o["backend"]
         self.img_fc = RegionEncoder(info.feature_dim, d, residual_mlp=o["region_mlp"])
         self.txt_enc = BiGRUTextEncoder(info.vocab_size, o["word_dim"], d, dropout=o["text_dropout"])
-        if o["self_attention"] not in (True, False, "image", "text"):
-            raise ValueError(f"self_attention must be true, false, 'image' or 'text', got {o['self_attention']!r}")
         self.img_attn, self.txt_attn = (
             SelfAttentionBlock(d, o["num_heads"], backend, o["attention_residual"])
             if o["self_attention"] in (True, side) else None for side in ("image", "text"))
