@@ -5,6 +5,7 @@ block similarity, checkpoint buffers, label completion, GloVe, the F30K config."
 
 from __future__ import annotations
 
+import json
 import math
 import subprocess
 import sys
@@ -15,6 +16,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 from vse_models.cvse_parts import (Fusion, SelfAttentionBlock, caption_labels, concept_adjacency, cooccurrence,
                                    loss_weights, select_concepts, word_to_concept_map)
@@ -248,6 +250,18 @@ def test_similarity_is_weighted_and_works_on_blocks():
         torch.testing.assert_close(x.norm(dim=1), torch.ones(len(x)))
 
 
+def test_learned_fusion_modes_start_as_weight_sum():
+    torch.manual_seed(0)
+    x_inst, x_cons = F.normalize(torch.randn(5, 16), dim=1), F.normalize(torch.randn(5, 16), dim=1)
+    fused = [Fusion(mode, 16, 0.7)(x_inst, x_cons) for mode in Fusion.MODES]
+    expected = F.normalize(0.7 * x_inst + 0.3 * x_cons, dim=1)
+    for mode, x in zip(Fusion.MODES, fused):
+        torch.testing.assert_close(x, expected, msg=lambda m: f"{mode}: {m}")
+    for mode, alpha in (("weight_sum", 1.5), ("adap_sum", 1.0), ("concat", -0.1)):
+        with pytest.raises(ValueError, match="fusion_alpha must be in"):
+            Fusion(mode, 16, alpha)
+
+
 def test_each_fusion_mode_learns():
     split = _split()
     batch = _batch(split, [0, 3, 6, 9])
@@ -392,3 +406,33 @@ def test_evaluation_with_label_completion_runs_and_k0_equals_plain_evaluation():
     assert evaluate_with_label_completion(m, EvalSplit(), 0, batch_size=5) == plain
     completed = evaluate_with_label_completion(m, EvalSplit(), 2, batch_size=5)
     assert set(completed) == set(plain) and 0 <= completed["rsum"] <= 600
+
+
+def test_mean_average_precision_by_hand():
+    from vse_models.probe_consensus import mean_average_precision
+
+    scores = torch.tensor([[0.9, 0.1, 0.5], [0.9, 0.1, 0.5], [0.3, 0.2, 0.1]])
+    labels = torch.tensor([[1, 0, 1], [0, 1, 1], [0, 0, 0]])
+    # row 0: hits at ranks 1, 2 -> AP 1; row 1: hits at ranks 2, 3 -> (1/2 + 2/3) / 2; row 2: no positive, skipped
+    assert math.isclose(mean_average_precision(scores, labels), (1 + (0.5 + 2 / 3) / 2) / 2, rel_tol=1e-6)
+
+
+def test_consensus_probe_of_a_tiny_run(tmp_path, monkeypatch, capsys):
+    from vse_models.probe_consensus import main as probe_main, probe
+    from vse_models.train import main as train_main
+
+    monkeypatch.setenv("VSE_DATA_CACHE", str(tmp_path / "cache"))
+    tiny = ["--synthetic", "n_train=40", "--synthetic", "n_dev=10", "--synthetic", "n_test=10", "--synthetic",
+            "n_regions=8", "--synthetic", "feat_dim=16", "--batch-size", "20", "--epochs", "1", "--no-progress",
+            "--option", "embed_size=32", "--option", "word_dim=16", "--option", "gcn_hidden=16",
+            "--option", "num_concepts=20"]
+    assert train_main(["--model", "mh-cvse", "--out", str(tmp_path / "mh"), *tiny]) == 0
+    out = probe(str(tmp_path / "mh"), "dev")
+    dev_rsum = json.loads((tmp_path / "mh" / "metrics.json").read_text())["dev"]["rsum"]
+    assert out["rsum"]["model (fused)"] == round(dev_rsum, 1)     # the score the run itself evaluated
+    assert 0 <= out["image_concepts_map"] <= 1 and -1 <= out["concept_cos_trained"] <= 1
+    assert out["graph_self_weight"] > 0
+    assert probe_main([str(tmp_path / "mh")]) == 0 and "bag-of-concepts oracle" in capsys.readouterr().out
+    assert train_main(["--model", "vse", "--out", str(tmp_path / "vse"), *tiny[:-4]]) == 0
+    with pytest.raises(ValueError, match="an mh-cvse run is needed"):
+        probe(str(tmp_path / "vse"))

@@ -8,6 +8,7 @@ Nothing here imports vse_kernels at module level: the reference backend must run
 
 from __future__ import annotations
 
+import math
 from collections import Counter
 from pathlib import Path
 from typing import Sequence
@@ -246,7 +247,11 @@ def text_concept_distribution(p_t: torch.Tensor, labels: torch.Tensor, beta: flo
 class Fusion(nn.Module):
     """x_F from the instance and consensus embeddings (one per modality): `weight_sum`
     l2norm(α x_I + (1 − α) x_C); `adap_sum` per-sample gate g = σ(wᵀ(x_I + x_C)/2 + b),
-    l2norm(g x_I + (1 − g) x_C); `concat` l2norm(W [x_I; x_C] + b)."""
+    l2norm(g x_I + (1 − g) x_C); `concat` l2norm(W [x_I; x_C] + b).
+    [ours] The learned modes start as `weight_sum` (adap_sum: w = 0, b = logit α; concat: W = [α I, (1 − α) I],
+    b = 0) and learn a correction from there. With PyTorch's default init, concat's random W and a bias as
+    large as W·x mix x_I with noise and a shared offset, and at the synthetic preset's lr both modes stalled
+    in the all-negatives warm-up (README)."""
 
     MODES = ("weight_sum", "adap_sum", "concat")
 
@@ -254,11 +259,20 @@ class Fusion(nn.Module):
         super().__init__()
         if mode not in self.MODES:
             raise ValueError(f"fusion must be one of {self.MODES}, got {mode!r}")
+        if not 0.0 <= alpha <= 1.0 or (mode == "adap_sum" and alpha in (0.0, 1.0)):
+            raise ValueError(f"fusion_alpha must be in [0, 1] (strictly inside for adap_sum), got {alpha}")
         self.mode, self.alpha = mode, alpha
         if mode == "adap_sum":
             self.gate = nn.Linear(dim, 1)
+            with torch.no_grad():
+                self.gate.weight.zero_()
+                self.gate.bias.fill_(math.log(alpha / (1 - alpha)))
         elif mode == "concat":
             self.proj = nn.Linear(2 * dim, dim)
+            with torch.no_grad():
+                eye = torch.eye(dim)
+                self.proj.weight.copy_(torch.cat([alpha * eye, (1 - alpha) * eye], dim=1))
+                self.proj.bias.zero_()
 
     def forward(self, x_inst: torch.Tensor, x_cons: torch.Tensor) -> torch.Tensor:
         if self.mode == "weight_sum":

@@ -67,7 +67,7 @@ class MHCVSE(RetrievalModel):
         "beta": 0.35,                # F30K (0.4 COCO)
         "train_text_labels": "image",  # y of a training caption: its image's labels (CVSE) or [ours] "caption"
         "fusion": "weight_sum",      # weight_sum | adap_sum | concat
-        "fusion_alpha": 0.85,        # weight_sum
+        "fusion_alpha": 0.85,        # weight_sum; where adap_sum and concat start (cvse_parts.Fusion)
         "loss_weights": [3.0, 5.0, 1.0, 2.0],  # fused, instance, consensus rank; KL (CVSE)
         "dynamic_loss_weights": True,  # False: CVSE's fixed weights (ablation)
         "kl_reduction": "sum",       # CVSE's code sums KL over batch and concepts; [ours] "batchmean"

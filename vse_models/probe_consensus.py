@@ -1,0 +1,101 @@
+"""`python -m vse_models.probe_consensus RUN [--split dev]`: what the consensus level of a trained `mh-cvse`
+run contributes (the measurements behind the README's diagnosis of MH-CVSE on the synthetic data).
+
+Prints
+- the concept graph: mean weight of the self-loop and of the neighbours in a row of Â;
+- how spread the concept embeddings Z are: mean cosine between two different concepts, trained and for a
+  freshly initialised GCN on the same graph (near 1: the consensus level has collapsed);
+- how well the image-side concept distribution s_v ranks the image's concepts: mAP against the union of
+  the concepts its captions mention;
+- the rsum of each score on the split: instance, consensus, the model's (fused), −KL(s_t ‖ s_v), with
+  test-time label completion, and a bag-of-concepts oracle (a caption scores the fraction of its concepts
+  that the candidate image's captions mention: it reads the split's own captions, an optimistic bound for
+  what concept labels alone can tell).
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+
+from .checkpoint import load_checkpoint
+from .evaluation import encode_split, metrics_from_ranks, ranks
+from .models import DataInfo
+from .train import data_root, load_split
+
+
+def _mean_offdiag(m: torch.Tensor) -> float:
+    n = m.size(0)
+    return float((m.sum() - m.diagonal().sum()) / max(1, n * n - n))
+
+
+def mean_average_precision(scores: torch.Tensor, labels: torch.Tensor) -> float:
+    """Mean over rows of the average precision of ranking the columns by `scores` against 0/1 `labels`
+    (rows without a positive are skipped)."""
+    order = scores.argsort(dim=1, descending=True)
+    hits = labels.gather(1, order).float()
+    precision = hits.cumsum(1) / torch.arange(1, hits.size(1) + 1, dtype=hits.dtype)
+    positives = hits.sum(1)
+    keep = positives > 0
+    return float(((precision * hits).sum(1)[keep] / positives[keep]).mean())
+
+
+@torch.no_grad()
+def probe(run: str, split_name: str = "dev", which: str = "best", completion_k: int = 4) -> dict:
+    model, vocab, config, _ = load_checkpoint(run, which, "cpu")
+    if config["run"]["model"] != "mh-cvse":
+        raise ValueError(f"{run}: an mh-cvse run is needed, this one trained {config['run']['model']!r}")
+    model.eval()
+    root = data_root(config["run"])
+    split = load_split(root, split_name, vocab, config["run"]["features"], DataInfo(**config["data_info"]))
+    k = split.captions_per_image
+    img, txt = encode_split(model, split, 256, None, None)
+    v_inst, v_cons, _, s_v = img
+    t_inst, t_cons, _, s_t, _, labels = txt
+    out = {}
+    adj = model.adjacency
+    out["graph_self_weight"] = float(adj.diagonal().mean())
+    out["graph_neighbour_mass"] = float((adj.sum(1) - adj.diagonal()).mean())
+    z = model.concept_embeddings()
+    out["concept_cos_trained"] = _mean_offdiag(z @ z.t())
+    fresh = type(model.gcn)(model.concept_emb.size(1), model.options["gcn_hidden"], model.options["embed_size"])
+    z0 = fresh(torch.empty_like(model.concept_emb).uniform_(-0.1, 0.1), adj)
+    out["concept_cos_init"] = _mean_offdiag(z0 @ z0.t())
+    image_labels = labels.view(-1, k, labels.size(1)).amax(1)
+    out["image_concepts_map"] = mean_average_precision(s_v, image_labels)
+
+    def rsum(score):
+        return round(metrics_from_ranks(*ranks(score, k))["rsum"], 1)
+
+    neg_kl = s_v.clamp_min(1e-12).log() @ s_t.t() - (s_t * s_t.clamp_min(1e-12).log()).sum(1)[None]
+    gen = torch.Generator().manual_seed(0)
+    bag = image_labels.float() @ labels.t() / labels.sum(1).clamp_min(1)[None]
+    out["rsum"] = {
+        "instance": rsum(v_inst @ t_inst.t()),
+        "consensus": rsum(v_cons @ t_cons.t()),
+        "model (fused)": rsum(model.similarity(img, txt)),
+        "-KL(s_t||s_v)": rsum(neg_kl),
+        f"model, label completion k={completion_k}": rsum(model.similarity(img, model.complete_text_labels(txt, completion_k))),
+        "bag-of-concepts oracle": rsum(bag + 1e-4 * torch.rand(bag.shape, generator=gen)),  # random tie-break
+    }
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m vse_models.probe_consensus", description=__doc__.split("\n\n")[0])
+    p.add_argument("run", help="run folder of an mh-cvse training run")
+    p.add_argument("--split", default="dev")
+    p.add_argument("--which", choices=["best", "last"], default="best")
+    args = p.parse_args(argv)
+    out = probe(args.run, args.split, args.which)
+    scores = out.pop("rsum")
+    for name, value in out.items():
+        print(f"{name:28s} {value:.3f}")
+    for name, value in scores.items():
+        print(f"rsum {name:40s} {value:.1f}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
