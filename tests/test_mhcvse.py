@@ -430,7 +430,7 @@ def test_consensus_probe_of_a_tiny_run(tmp_path, monkeypatch, capsys):
     out = probe(str(tmp_path / "mh"), "dev")
     dev_rsum = json.loads((tmp_path / "mh" / "metrics.json").read_text())["dev"]["rsum"]
     assert out["rsum"]["model (fused)"] == round(dev_rsum, 1)     # the score the run itself evaluated
-    assert 0 <= out["image_concepts_map"] <= 1 and -1 <= out["concept_cos_trained"] <= 1
+    assert 0 <= out["image_concepts_map"] <= 1 and 0 <= out["linear_probe_map"] <= 1 and -1 <= out["concept_cos_trained"] <= 1
     assert out["graph_self_weight"] > 0
     assert probe_main([str(tmp_path / "mh")]) == 0 and "bag-of-concepts oracle" in capsys.readouterr().out
     assert train_main(["--model", "vse", "--out", str(tmp_path / "vse"), *tiny[:-4]]) == 0

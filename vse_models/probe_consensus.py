@@ -6,7 +6,7 @@ Prints
 - how spread the concept embeddings Z are: mean cosine between two different concepts, trained and for a
   freshly initialised GCN on the same graph (near 1: the consensus level has collapsed);
 - how well the image-side concept distribution s_v ranks the image's concepts: mAP against the union of
-  the concepts its captions mention;
+  the concepts its captions mention, next to a linear classifier trained on the same training images;
 - the rsum of each score on the split: instance, consensus, the model's (fused), −KL(s_t ‖ s_v), with
   test-time label completion, and a bag-of-concepts oracle (a caption scores the fraction of its concepts
   that the candidate image's captions mention: it reads the split's own captions, an optimistic bound for
@@ -17,7 +17,9 @@ from __future__ import annotations
 
 import argparse
 
+import numpy as np
 import torch
+import torch.nn.functional as F
 
 from .checkpoint import load_checkpoint
 from .evaluation import encode_split, metrics_from_ranks, ranks
@@ -41,6 +43,43 @@ def mean_average_precision(scores: torch.Tensor, labels: torch.Tensor) -> float:
     return float(((precision * hits).sum(1)[keep] / positives[keep]).mean())
 
 
+def image_concept_labels(split, word_to_concept: torch.Tensor, num_concepts: int) -> torch.Tensor:
+    """(n_images, q) bool: the concepts any caption of each image mentions."""
+    labels = torch.zeros(split.n_images, num_concepts, dtype=torch.bool)
+    for c, tokens in enumerate(split.tokens):
+        concepts = word_to_concept[torch.as_tensor(tokens, dtype=torch.long)]
+        labels[c // split.captions_per_image, concepts[concepts >= 0]] = True
+    return labels
+
+
+def pooled_features(split) -> torch.Tensor:
+    """Mean and max over each image's raw region (or patch) features, (n_images, 2F)."""
+    x = torch.from_numpy(np.array(split.images, dtype=np.float32)).flatten(1, -2)  # a copy: the file is mapped read-only
+    return torch.cat([x.mean(1), x.amax(1)], dim=1)
+
+
+def linear_probe_map(train, split, word_to_concept: torch.Tensor, num_concepts: int, steps: int = 300) -> float:
+    """mAP on `split` of a linear multi-label classifier from `pooled_features` to the image's concepts,
+    trained on `train` (binary cross-entropy, full-batch Adam, lr 1e-2, seed 0): how well the concepts can be
+    told from the same training images without the retrieval model."""
+    x_train, x_eval = pooled_features(train), pooled_features(split)
+    mean, std = x_train.mean(0), x_train.std(0) + 1e-6
+    x_train, x_eval = (x_train - mean) / std, (x_eval - mean) / std
+    y_train = image_concept_labels(train, word_to_concept, num_concepts).float()
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        classifier = torch.nn.Linear(x_train.size(1), num_concepts)
+    optimizer = torch.optim.Adam(classifier.parameters(), lr=1e-2, weight_decay=1e-4)
+    with torch.enable_grad():
+        for _ in range(steps):
+            loss = F.binary_cross_entropy_with_logits(classifier(x_train), y_train)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+    with torch.no_grad():
+        return mean_average_precision(classifier(x_eval), image_concept_labels(split, word_to_concept, num_concepts))
+
+
 @torch.no_grad()
 def probe(run: str, split_name: str = "dev", which: str = "best", completion_k: int = 4) -> dict:
     model, vocab, config, _ = load_checkpoint(run, which, "cpu")
@@ -59,11 +98,15 @@ def probe(run: str, split_name: str = "dev", which: str = "best", completion_k: 
     out["graph_neighbour_mass"] = float((adj.sum(1) - adj.diagonal()).mean())
     z = model.concept_embeddings()
     out["concept_cos_trained"] = _mean_offdiag(z @ z.t())
-    fresh = type(model.gcn)(model.concept_emb.size(1), model.options["gcn_hidden"], model.options["embed_size"])
-    z0 = fresh(torch.empty_like(model.concept_emb).uniform_(-0.1, 0.1), adj)
+    with torch.random.fork_rng():  # a fresh GCN and concept vectors initialised as in the model, seed 0
+        torch.manual_seed(0)
+        fresh = type(model.gcn)(model.concept_emb.size(1), model.options["gcn_hidden"], model.options["embed_size"])
+        z0 = fresh(torch.empty_like(model.concept_emb).uniform_(-0.1, 0.1), adj)
     out["concept_cos_init"] = _mean_offdiag(z0 @ z0.t())
     image_labels = labels.view(-1, k, labels.size(1)).amax(1)
     out["image_concepts_map"] = mean_average_precision(s_v, image_labels)
+    train = load_split(root, "train", vocab, config["run"]["features"])
+    out["linear_probe_map"] = linear_probe_map(train, split, model.word_to_concept.cpu(), labels.size(1))
 
     def rsum(score):
         return round(metrics_from_ranks(*ranks(score, k))["rsum"], 1)
