@@ -383,29 +383,38 @@ def test_f30k_config_resolves_with_the_papers_recipe():
     assert (o["embed_size"], o["num_concepts"], o["num_heads"], o["lr_schedule"]) == (1024, 300, 8, "cosine")
 
 
-def test_evaluation_with_label_completion_runs_and_k0_equals_plain_evaluation():
-    from vse_models.evaluation import evaluate_split
-    from vse_models.models.mhcvse import evaluate_with_label_completion
+def test_evaluation_applies_the_label_completion_option():
+    from vse_models.evaluation import encode_split, evaluate_split, metrics_from_ranks, ranks
 
     split = _split()
     m = _model(split, backend="reference")
     g = torch.Generator().manual_seed(0)
-    images = torch.randn(4, 6, 20, generator=g).relu()
+    images = torch.randn(10, 6, 20, generator=g).relu()
 
-    class EvalSplit:  # the two Split methods evaluation uses
-        captions_per_image, n_images, n_captions = 3, 4, 12
+    class EvalSplit:  # the two Split methods evaluation uses; 10 images (5 folds of 2), 3 captions each
+        captions_per_image, n_images, n_captions, split = 3, 10, 30, "test"
 
         def image_batch(self, idx):
             idx = torch.as_tensor(idx)
             return Batch(images=images[idx], image_lengths=torch.full((len(idx),), 6), img_ids=idx)
 
         def caption_batch(self, idx):
-            return _batch(split, list(idx))
+            return _batch(split, [i % len(split.tokens) for i in idx])
 
-    plain = evaluate_split(m, EvalSplit(), batch_size=5)
-    assert evaluate_with_label_completion(m, EvalSplit(), 0, batch_size=5) == plain
-    completed = evaluate_with_label_completion(m, EvalSplit(), 2, batch_size=5)
-    assert set(completed) == set(plain) and 0 <= completed["rsum"] <= 600
+    plain = evaluate_split(m, EvalSplit(), batch_size=4)
+    img, txt = encode_split(m, EvalSplit(), batch_size=4)
+    m.options["label_completion_k"] = 2
+    completed = m.complete_text_labels(txt)
+    assert not torch.equal(completed[1], txt[1])  # the captions' consensus embeddings changed
+    assert evaluate_split(m, EvalSplit(), batch_size=4) == metrics_from_ranks(*ranks(m.similarity(img, completed), 3))
+    # the 5-fold protocol completes each fold's captions among themselves
+    per_fold = [metrics_from_ranks(*ranks(m.similarity(slice_embeddings(img, 2 * f, 2 * f + 2),
+                                                       m.complete_text_labels(slice_embeddings(txt, 6 * f, 6 * f + 6))), 3))
+                for f in range(5)]
+    folds = evaluate_split(m, EvalSplit(), batch_size=4, fold5=True)["fold5"]
+    assert folds == pytest.approx({key: float(np.mean([p[key] for p in per_fold])) for key in folds})
+    m.options["label_completion_k"] = 0
+    assert evaluate_split(m, EvalSplit(), batch_size=4) == plain
 
 
 def test_mean_average_precision_by_hand():

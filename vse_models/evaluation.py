@@ -143,15 +143,16 @@ def evaluate_split(model, split: Split, *, fold5: bool = False, batch_size: int 
     {"fold5": 1K-protocol averages over 5 folds, "all": the metrics over all images (COCO 5K)}."""
     k = split.captions_per_image
     img, txt = encode_split(model, split, batch_size, device, autocast_dtype)
-    full = metrics_from_ranks(*streamed_ranks(model, img, txt, k, block))
+    full = metrics_from_ranks(*streamed_ranks(model, img, model.complete_text_set(txt), k, block))
     if not fold5:
         return full
     n = split.n_images
     if n % 5:
         raise ValueError(f"--fold5 needs a number of images divisible by 5, split {split.split!r} has {n}")
     m = n // 5
-    per_fold = [metrics_from_ranks(*streamed_ranks(model, slice_embeddings(img, f * m, (f + 1) * m),
-                                                   slice_embeddings(txt, f * m * k, (f + 1) * m * k), k, block))
+    per_fold = [metrics_from_ranks(*streamed_ranks(
+                    model, slice_embeddings(img, f * m, (f + 1) * m),
+                    model.complete_text_set(slice_embeddings(txt, f * m * k, (f + 1) * m * k)), k, block))
                 for f in range(5)]
     return {"fold5": {key: float(np.mean([p[key] for p in per_fold])) for key in METRIC_KEYS}, "all": full}
 

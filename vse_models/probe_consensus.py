@@ -117,7 +117,7 @@ def probe(run: str, split_name: str = "dev", which: str = "best", completion_k: 
     out["rsum"] = {
         "instance": rsum(v_inst @ t_inst.t()),
         "consensus": rsum(v_cons @ t_cons.t()),
-        "model (fused)": rsum(model.similarity(img, txt)),
+        "model (fused)": rsum(model.similarity(img, model.complete_text_set(txt))),  # as the run evaluates
         "-KL(s_t||s_v)": rsum(neg_kl),
         f"model, label completion k={completion_k}": rsum(model.similarity(img, model.complete_text_labels(txt, completion_k))),
         "bag-of-concepts oracle": rsum(bag + 1e-4 * torch.rand(bag.shape, generator=gen)),  # random tie-break

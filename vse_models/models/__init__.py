@@ -159,6 +159,11 @@ class RetrievalModel(nn.Module):
     def similarity(self, img_emb, txt_emb) -> torch.Tensor:
         raise NotImplementedError
 
+    def complete_text_set(self, txt_emb):
+        """The text embeddings of a whole evaluation set (or 5-fold fold) as they are scored: unchanged here;
+        a model with a transductive test-time step (mh-cvse's label completion) overrides it."""
+        return txt_emb
+
     def loss(self, batch, epoch: int) -> tuple[torch.Tensor, dict]:
         return self.embedding_loss(self.encode_images(batch), self.encode_texts(batch), batch.img_ids, epoch)
 

@@ -15,7 +15,8 @@ Data state (from `prepare(train_split)`, training captions only, deterministic):
 checkpoint evaluates without training data; the training images' labels (union of their captions'
 concepts, CVSE's y for text in training) are a non-persistent buffer, rebuilt by `prepare` on resume.
 [ours] At evaluation a caption's labels are the concepts its own words mention (no image labels are
-known for a test caption); `complete_text_labels` offers CVSE's test-time label completion as an option.
+known for a test caption); `complete_text_labels` offers CVSE's test-time label completion as an option
+(`label_completion_k` > 0: every evaluation applies it, through `complete_text_set`).
 
 Ablation options of ours, CVSE's / MH-CVSE's behaviour by default: `region_drop` and `region_mlp` (VSE∞'s
 region dropout and residual MLP), `pooling="gpo"` (the baseline's pooling instead of attention pooling),
@@ -210,7 +211,7 @@ class MHCVSE(RetrievalModel):
         k nearest captions of the same set (cosine of t_I), then t_C and t_F are recomputed. Transductive
         (uses the other test captions): an option, never the default."""
         k = self.options["label_completion_k"] if k is None else k
-        if k <= 0:
+        if k <= 0 or txt_emb[0].size(0) < 2:  # a single caption has no neighbour
             return txt_emb
         t_inst, _, _, _, p_t, labels = txt_emb
         completed = labels.clone()
@@ -221,6 +222,11 @@ class MHCVSE(RetrievalModel):
             nearest = sims.topk(min(k, t_inst.size(0) - 1), dim=1).indices
             completed[s:s + block] = torch.maximum(completed[s:s + block], labels[nearest].amax(1))
         return self._text_from_instance(t_inst, p_t, completed, self.concept_embeddings())
+
+    def complete_text_set(self, txt_emb):
+        """Evaluation (`evaluate_split`, so vse-train's dev/test and vse-eval) applies the label completion of
+        the option `label_completion_k` (0, the default: none) to each evaluated set."""
+        return self.complete_text_labels(txt_emb)
 
     def similarity(self, img_emb, txt_emb) -> torch.Tensor:
         w = self.options["score_fused_weight"]
@@ -256,15 +262,3 @@ class MHCVSE(RetrievalModel):
         # Stepped once per epoch: T_max = epochs reaches eta_min after the last one.
         return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, config["epochs"]),
                                                           eta_min=self.options["eta_min"])
-
-
-def evaluate_with_label_completion(model: MHCVSE, split, k: int | None = None, *, batch_size: int = 256,
-                                   block: int = 256, device=None, autocast_dtype=None) -> dict:
-    """Retrieval metrics of `split` with test-time label completion (CVSE's reported protocol):
-    `evaluate_split` with the text embeddings passed through `model.complete_text_labels(txt, k)`
-    (k None: the option label_completion_k) between encoding and ranking."""
-    from ..evaluation import encode_split, metrics_from_ranks, streamed_ranks
-
-    img, txt = encode_split(model, split, batch_size, device, autocast_dtype)
-    txt = model.complete_text_labels(txt, k)
-    return metrics_from_ranks(*streamed_ranks(model, img, txt, split.captions_per_image, block))
