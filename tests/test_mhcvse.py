@@ -114,6 +114,30 @@ def test_concepts_labels_and_prepare_are_deterministic():
     assert sorted(m1.concept_words[i] for i in m1.text_labels(b)[0].nonzero().flatten().tolist()) == own
 
 
+def test_concept_data_is_cached_beside_the_data(tmp_path, monkeypatch):
+    import vse_models.cvse_parts as parts
+
+    split = _split()
+    args = (split.tokens, split.vocab.idx2word, 6, 3, 4)
+    first = parts.concept_data(*args, cache_dir=tmp_path)
+    files = list(tmp_path.glob("cvse-concepts-*.pt"))
+    assert len(files) == 1 and not list(tmp_path.glob(".*tmp*"))
+
+    def fail(*a, **k):
+        raise AssertionError("recomputed although cached")
+
+    monkeypatch.setattr(parts, "build_concept_data", fail)
+    again = parts.concept_data(*args, cache_dir=tmp_path)
+    assert again.keys() == first.keys() and all(torch.equal(again[k], first[k]) for k in first)
+    monkeypatch.undo()
+    fresh = parts.build_concept_data(*args)
+    assert all(torch.equal(fresh[k], first[k]) for k in first)
+    # another q or another caption set is another file, never the stale one
+    parts.concept_data(split.tokens, split.vocab.idx2word, 5, 3, 4, cache_dir=tmp_path)
+    parts.concept_data(split.tokens[:-1] + [split.tokens[-1][:-1]], split.vocab.idx2word, 6, 3, 4, cache_dir=tmp_path)
+    assert len(list(tmp_path.glob("cvse-concepts-*.pt"))) == 3
+
+
 # ---------------------------------------------------------------------------------- backends agree
 def _pair(split, dtype=torch.float32, **options):
     torch.manual_seed(0)
@@ -436,6 +460,7 @@ def test_consensus_probe_of_a_tiny_run(tmp_path, monkeypatch, capsys):
             "--option", "embed_size=32", "--option", "word_dim=16", "--option", "gcn_hidden=16",
             "--option", "num_concepts=20"]
     assert train_main(["--model", "mh-cvse", "--out", str(tmp_path / "mh"), *tiny]) == 0
+    assert len(list((tmp_path / "cache").glob("synthetic-*/cvse-concepts-*.pt"))) == 1  # the graph, beside the data
     out = probe(str(tmp_path / "mh"), "dev")
     dev_rsum = json.loads((tmp_path / "mh" / "metrics.json").read_text())["dev"]["rsum"]
     assert out["rsum"]["model (fused)"] == round(dev_rsum, 1)     # the score the run itself evaluated

@@ -8,7 +8,10 @@ Nothing here imports vse_kernels at module level: the reference backend must run
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
+import os
 from collections import Counter
 from pathlib import Path
 from typing import Sequence
@@ -87,6 +90,51 @@ def concept_adjacency(cooc: np.ndarray, counts: np.ndarray, threshold: float = 0
     a = r + np.eye(q)
     d = np.power(a.sum(1), -0.5)
     return torch.from_numpy(d[:, None] * a.T * d[None, :]).float()
+
+
+CONCEPT_DATA_VERSION = 1  # bump when anything that concept_data computes changes
+
+
+def build_concept_data(token_lists: Sequence[Sequence[int]], idx2word: Sequence[str], num_concepts: int,
+                       captions_per_image: int, n_images: int) -> dict[str, torch.Tensor]:
+    """Everything the consensus level takes from the training captions: `concepts` (vocabulary ids),
+    `word_to_concept`, the normalised `adjacency` and the images' multi-hot `image_labels` (union of the
+    concepts of their captions)."""
+    concepts = select_concepts(token_lists, idx2word, num_concepts)
+    w2c = word_to_concept_map(concepts, len(idx2word))
+    cap_labels = [sorted({int(c) for c in w2c[torch.as_tensor(t, dtype=torch.long)].tolist() if c >= 0})
+                  for t in token_lists]
+    cooc, counts = cooccurrence(cap_labels, num_concepts)
+    image_labels = torch.zeros(n_images, num_concepts, dtype=torch.bool)
+    for c, labels in enumerate(cap_labels):
+        image_labels[c // captions_per_image, labels] = True
+    return {"concepts": torch.tensor(concepts, dtype=torch.long), "word_to_concept": w2c,
+            "adjacency": concept_adjacency(cooc, counts), "image_labels": image_labels}
+
+
+def concept_data(token_lists: Sequence[Sequence[int]], idx2word: Sequence[str], num_concepts: int,
+                 captions_per_image: int, n_images: int, cache_dir: str | Path | None = None) -> dict[str, torch.Tensor]:
+    """`build_concept_data`, cached as `cache_dir/cvse-concepts-<key>.pt`, the key a hash of every input (so
+    another vocabulary, caption set or q never reads a stale file). Written atomically; a folder that cannot
+    be written to (a read-only data set) only means it is computed again next time."""
+    if cache_dir is None:
+        return build_concept_data(token_lists, idx2word, num_concepts, captions_per_image, n_images)
+    h = hashlib.sha256(json.dumps([CONCEPT_DATA_VERSION, num_concepts, captions_per_image, n_images,
+                                   list(idx2word)]).encode())
+    h.update(np.asarray([len(t) for t in token_lists], dtype=np.int64).tobytes())
+    if len(token_lists):
+        h.update(np.concatenate([np.asarray(t, dtype=np.int64) for t in token_lists]).tobytes())
+    path = Path(cache_dir) / f"cvse-concepts-{h.hexdigest()[:16]}.pt"
+    if path.is_file():
+        return torch.load(path)
+    data = build_concept_data(token_lists, idx2word, num_concepts, captions_per_image, n_images)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        torch.save(data, tmp)
+        os.replace(tmp, path)
+    except OSError:
+        tmp.unlink(missing_ok=True)
+    return data
 
 
 # ------------------------------------------------------------------------------------------ GloVe

@@ -10,7 +10,8 @@ w_F·rank(F) + w_I·rank(I) + w_C·rank(C) + w_KL·KL(s_t || s_v), base weights 
 dynamic; every term summed over the batch (the KL also over the concepts, as CVSE's code). Score:
 0.95·<v_F, t_F> + 0.05·<v_C, t_C>. Cosine-annealed learning rate.
 
-Data state (from `prepare(train_split)`, training captions only, deterministic): the q concept word ids
+Data state (from `prepare(train_split)`, training captions only, deterministic, cached beside the data by
+`cvse_parts.concept_data`): the q concept word ids
 (`word_to_concept`, vocab-sized) and the normalised adjacency Â (q x q), both persistent buffers, so a
 checkpoint evaluates without training data; the training images' labels (union of their captions'
 concepts, CVSE's y for text in training) are a non-persistent buffer, rebuilt by `prepare` on resume.
@@ -36,8 +37,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..cvse_parts import (GCN, ConsensusLevel, InstancePool, Fusion, SelfAttentionBlock, caption_labels,
-                          concept_adjacency, cooccurrence, loss_weights, read_glove, select_concepts,
-                          text_concept_distribution, word_to_concept_map)
+                          concept_data, loss_weights, read_glove, text_concept_distribution)
 from ..layers import (BiGRUTextEncoder, RegionEncoder, drop_set_elements, l2norm, padding_mask, project_set,
                       set_lengths)
 from ..losses import hinge_triplet_loss, hinge_triplet_loss_embeddings
@@ -126,17 +126,12 @@ class MHCVSE(RetrievalModel):
             raise RuntimeError("prepare() needs a training split with a vocabulary (set_vocab)")
         if len(vocab) != self.info.vocab_size:
             raise ValueError(f"vocabulary has {len(vocab)} words, the model was built for {self.info.vocab_size}")
-        concepts = select_concepts(tokens, vocab.idx2word, q)
-        w2c = word_to_concept_map(concepts, len(vocab))
-        cap_labels = [sorted({int(c) for c in w2c[torch.as_tensor(t)].tolist() if c >= 0}) for t in tokens]
-        cooc, counts = cooccurrence(cap_labels, q)
-        img_labels = torch.zeros(train_split.n_images, q, dtype=torch.bool)
-        for c, labels in enumerate(cap_labels):
-            img_labels[c // k, labels] = True
-        device = self.adjacency.device
-        self.word_to_concept.copy_(w2c)
-        self.adjacency.copy_(concept_adjacency(cooc, counts))
-        self.train_image_labels = img_labels.to(device)
+        data = concept_data(tokens, vocab.idx2word, q, k, train_split.n_images,
+                            cache_dir=getattr(train_split, "root", None))  # a Split on disk: cached beside it
+        concepts = data["concepts"].tolist()
+        self.word_to_concept.copy_(data["word_to_concept"])
+        self.adjacency.copy_(data["adjacency"])
+        self.train_image_labels = data["image_labels"].to(self.adjacency.device)
         self.concept_words = [vocab.idx2word[i] for i in concepts]
         if self.options["glove_path"]:
             self._load_glove(vocab.idx2word, concepts)
