@@ -53,9 +53,13 @@ def image_concept_labels(split, word_to_concept: torch.Tensor, num_concepts: int
 
 
 def pooled_features(split) -> torch.Tensor:
-    """Mean and max over each image's raw region (or patch) features, (n_images, 2F)."""
-    x = torch.from_numpy(np.array(split.images, dtype=np.float32)).flatten(1, -2)  # a copy: the file is mapped read-only
-    return torch.cat([x.mean(1), x.amax(1)], dim=1)
+    """Mean and max over each image's raw region (or patch) features, (n_images, 2F); read in chunks, so a
+    large memory-mapped feature file is never loaded whole."""
+    chunks = []
+    for start in range(0, len(split.images), 1024):
+        x = torch.from_numpy(np.array(split.images[start:start + 1024], dtype=np.float32)).flatten(1, -2)
+        chunks.append(torch.cat([x.mean(1), x.amax(1)], dim=1))
+    return torch.cat(chunks)
 
 
 def linear_probe_map(train, split, word_to_concept: torch.Tensor, num_concepts: int, steps: int = 300) -> float:
