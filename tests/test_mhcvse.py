@@ -457,9 +457,9 @@ def test_consensus_probe_of_a_tiny_run(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("VSE_DATA_CACHE", str(tmp_path / "cache"))
     tiny = ["--synthetic", "n_train=40", "--synthetic", "n_dev=10", "--synthetic", "n_test=10", "--synthetic",
             "n_regions=8", "--synthetic", "feat_dim=16", "--batch-size", "20", "--epochs", "1", "--no-progress",
-            "--option", "embed_size=32", "--option", "word_dim=16", "--option", "gcn_hidden=16",
-            "--option", "num_concepts=20"]
-    assert train_main(["--model", "mh-cvse", "--out", str(tmp_path / "mh"), *tiny]) == 0
+            "--option", "embed_size=32", "--option", "word_dim=16"]
+    concepts = ["--option", "gcn_hidden=16", "--option", "num_concepts=20"]
+    assert train_main(["--model", "mh-cvse", "--out", str(tmp_path / "mh"), *tiny, *concepts]) == 0
     assert len(list((tmp_path / "cache").glob("synthetic-*/cvse-concepts-*.pt"))) == 1  # the graph, beside the data
     out = probe(str(tmp_path / "mh"), "dev")
     dev_rsum = json.loads((tmp_path / "mh" / "metrics.json").read_text())["dev"]["rsum"]
@@ -467,6 +467,6 @@ def test_consensus_probe_of_a_tiny_run(tmp_path, monkeypatch, capsys):
     assert 0 <= out["image_concepts_map"] <= 1 and 0 <= out["linear_probe_map"] <= 1 and -1 <= out["concept_cos_trained"] <= 1
     assert out["graph_self_weight"] > 0
     assert probe_main([str(tmp_path / "mh")]) == 0 and "bag-of-concepts oracle" in capsys.readouterr().out
-    assert train_main(["--model", "vse", "--out", str(tmp_path / "vse"), *tiny[:-4]]) == 0
+    assert train_main(["--model", "vse", "--out", str(tmp_path / "vse"), *tiny]) == 0
     with pytest.raises(ValueError, match="an mh-cvse run is needed"):
         probe(str(tmp_path / "vse"))

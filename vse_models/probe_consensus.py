@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from .checkpoint import load_checkpoint
+from .cvse_parts import concept_data
 from .evaluation import encode_split, metrics_from_ranks, ranks
 from .models import DataInfo
 from .train import data_root, load_split
@@ -43,15 +44,6 @@ def mean_average_precision(scores: torch.Tensor, labels: torch.Tensor) -> float:
     return float(((precision * hits).sum(1)[keep] / positives[keep]).mean())
 
 
-def image_concept_labels(split, word_to_concept: torch.Tensor, num_concepts: int) -> torch.Tensor:
-    """(n_images, q) bool: the concepts any caption of each image mentions."""
-    labels = torch.zeros(split.n_images, num_concepts, dtype=torch.bool)
-    for c, tokens in enumerate(split.tokens):
-        concepts = word_to_concept[torch.as_tensor(tokens, dtype=torch.long)]
-        labels[c // split.captions_per_image, concepts[concepts >= 0]] = True
-    return labels
-
-
 def pooled_features(split) -> torch.Tensor:
     """Mean and max over each image's raw region (or patch) features, (n_images, 2F); read in chunks, so a
     large memory-mapped feature file is never loaded whole."""
@@ -62,17 +54,17 @@ def pooled_features(split) -> torch.Tensor:
     return torch.cat(chunks)
 
 
-def linear_probe_map(train, split, word_to_concept: torch.Tensor, num_concepts: int, steps: int = 300) -> float:
-    """mAP on `split` of a linear multi-label classifier from `pooled_features` to the image's concepts,
-    trained on `train` (binary cross-entropy, full-batch Adam, lr 1e-2, seed 0): how well the concepts can be
-    told from the same training images without the retrieval model."""
+def linear_probe_map(train, train_labels: torch.Tensor, split, labels: torch.Tensor, steps: int = 300) -> float:
+    """mAP on `split` (image concept `labels`) of a linear multi-label classifier from `pooled_features` to
+    the concepts, trained on `train` with `train_labels` (binary cross-entropy, full-batch Adam, lr 1e-2,
+    seed 0): how well the concepts can be told from the same training images without the retrieval model."""
     x_train, x_eval = pooled_features(train), pooled_features(split)
     mean, std = x_train.mean(0), x_train.std(0) + 1e-6
     x_train, x_eval = (x_train - mean) / std, (x_eval - mean) / std
-    y_train = image_concept_labels(train, word_to_concept, num_concepts).float()
+    y_train = train_labels.float()
     with torch.random.fork_rng():
         torch.manual_seed(0)
-        classifier = torch.nn.Linear(x_train.size(1), num_concepts)
+        classifier = torch.nn.Linear(x_train.size(1), y_train.size(1))
     optimizer = torch.optim.Adam(classifier.parameters(), lr=1e-2, weight_decay=1e-4)
     with torch.enable_grad():
         for _ in range(steps):
@@ -81,7 +73,7 @@ def linear_probe_map(train, split, word_to_concept: torch.Tensor, num_concepts: 
             loss.backward()
             optimizer.step()
     with torch.no_grad():
-        return mean_average_precision(classifier(x_eval), image_concept_labels(split, word_to_concept, num_concepts))
+        return mean_average_precision(classifier(x_eval), labels)
 
 
 @torch.no_grad()
@@ -110,7 +102,9 @@ def probe(run: str, split_name: str = "dev", which: str = "best", completion_k: 
     image_labels = labels.view(-1, k, labels.size(1)).amax(1)
     out["image_concepts_map"] = mean_average_precision(s_v, image_labels)
     train = load_split(root, "train", vocab, config["run"]["features"])
-    out["linear_probe_map"] = linear_probe_map(train, split, model.word_to_concept.cpu(), labels.size(1))
+    train_labels = concept_data(train.tokens, vocab.idx2word, model.options["num_concepts"], train.captions_per_image,
+                                train.n_images, cache_dir=root)["image_labels"]  # as training saw them
+    out["linear_probe_map"] = linear_probe_map(train, train_labels, split, image_labels)
 
     def rsum(score):
         return round(metrics_from_ranks(*ranks(score, k))["rsum"], 1)
