@@ -24,16 +24,71 @@ def test_hand_computed_two_images():
     assert m["rsum"] == pytest.approx(0 + 100 + 100 + 80 + 100 + 100)
 
 
-def test_ties_do_not_count_against_the_positive():
+def test_ties_count_against_the_positive():
+    # A collapsed model (every score equal) ranks every positive behind all its negatives: rsum ~0, not 600.
+    for value in (0.0, 0.37):
+        m = retrieval_metrics(torch.full((1000, 5000), value))
+        assert m["rsum"] == 0.0 and m["i2t_medr"] == 4996 and m["t2i_medr"] == 1000  # 4995 captions, 999 images
     sims = torch.zeros(3, 15)
-    m = retrieval_metrics(sims)
-    assert m["i2t_r1"] == 100.0 and m["t2i_r1"] == 100.0 and m["rsum"] == 600.0
-    # Caption 5 (of image 1) now scores strictly higher with image 0 than image 0's own (tied) captions:
-    # image 0 drops to rank 1, and caption 5 ranks image 0 above its own image 1.
-    sims[0, 5] = 1e-6
     i2t, t2i = ranks(sims)
-    assert i2t.tolist() == [1, 0, 0]
-    assert t2i.tolist() == [0] * 5 + [1] + [0] * 9
+    assert i2t.tolist() == [10] * 3 and t2i.tolist() == [2] * 15  # the other images (2) and their captions (10) tie
+    # Image 0's best caption ties with caption 5 (of image 1) only; its own other captions never count.
+    sims[0, :5] = torch.tensor([0.1, 0.5, 0.5, 0.2, 0.3])
+    sims[0, 5] = 0.5
+    assert ranks(sims)[0][0] == 1
+
+
+def _argsort_ranks(sims: np.ndarray, k: int = 5):
+    """SCAN's / VSE∞'s i2t / t2i (evaluation.py there): positions in the descending argsort."""
+    n = sims.shape[0]
+    i2t = np.array([min(np.where(np.argsort(sims[i])[::-1] == c)[0][0] for c in range(k * i, k * i + k))
+                    for i in range(n)])
+    t2i = np.array([np.where(np.argsort(sims[:, c])[::-1] == c // k)[0][0] for c in range(k * n)])
+    return i2t, t2i
+
+
+@pytest.mark.parametrize("n", [1, 2, 7, 40])
+def test_tie_free_ranks_equal_the_argsort_formulation(n):
+    sims = np.random.default_rng(n).standard_normal((n, 5 * n))
+    i2t, t2i = ranks(sims)
+    want_i2t, want_t2i = _argsort_ranks(sims)
+    assert i2t.tolist() == want_i2t.tolist() and t2i.tolist() == want_t2i.tolist()
+    assert retrieval_metrics(sims) == metrics_from_ranks(want_i2t, want_t2i)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_non_finite_scores_are_an_error_naming_where(bad):
+    sims = torch.randn(4, 20)
+    sims[2, 7] = bad
+    sims[3, 19] = bad
+    with pytest.raises(ValueError, match=r"2 similarity score\(s\) are NaN or infinite, at \(image, caption\) "
+                                         r"\(2, 7\), \(3, 19\)"):
+        retrieval_metrics(sims)
+    with pytest.raises(ValueError, match="NaN or infinite"):
+        fold_metrics(torch.cat([sims] * 5).repeat(1, 5)[:5, :25].clone().fill_(bad))
+    with pytest.raises(ValueError, match=r"\(2, 7\)"):  # every block size finds it, the count over all blocks
+        streamed_ranks(_Sims(sims), torch.arange(4), torch.arange(20), 5, block=3)
+
+
+class _Sims:
+    """A model whose similarity is a fixed matrix (rows/columns picked by the index 'embeddings')."""
+
+    def __init__(self, sims):
+        self.sims = sims
+
+    def similarity(self, img, txt):
+        return self.sims[img][:, txt]
+
+
+def test_non_finite_embeddings_are_an_error_naming_the_items():
+    img, txt = torch.randn(4, 3), torch.randn(20, 3)
+    img[1, 0] = float("nan")
+    txt[[3, 11], 2] = float("inf")
+    with pytest.raises(ValueError, match=r"1 of 4 image embeddings hold NaN or infinite values \(image 1\)"):
+        streamed_ranks(_Dot(), img, txt)
+    img[1, 0] = 0
+    with pytest.raises(ValueError, match=r"2 of 20 caption embeddings .*\(caption 3, 11\)"):
+        streamed_ranks(_Dot(), (img, img), (txt * 0, txt))
 
 
 def test_medr_is_floor_of_median_plus_one_and_numpy_equals_torch():
@@ -53,6 +108,7 @@ def test_captions_per_image_and_shape_checks():
         retrieval_metrics(sims)
     with pytest.raises(ValueError, match="NaN"):
         retrieval_metrics(torch.full((1, 5), float("nan")))
+    assert retrieval_metrics(torch.tensor([[1.0, 0, 0, 0, 0]]))["rsum"] == 600.0  # one image: no negatives
 
 
 def test_fold5_averages_each_metric_over_folds():

@@ -1,9 +1,11 @@
 """Retrieval evaluation (SPEC §6).
 
 `sims` is (N_img, k·N_img) with caption c belonging to image c // k (k = captions_per_image, 5).
-- i2t rank of image i: the number of captions scoring *strictly higher* than its best caption;
-  t2i rank of caption c: the number of images scoring strictly higher than image c // k.
-  Tie rule: ties with the positive do not count against it (optimistic); stated and tested.
+- i2t rank of image i: the number of *other images'* captions scoring at least as high as its best
+  caption; t2i rank of caption c: the number of other images scoring at least as high as image c // k.
+  Tie rule: a tie never counts for the positive (a collapsed model, all scores equal, scores ~0, not 600).
+  On tie-free scores this is SCAN's / VSE∞'s argsort formulation.
+- Non-finite scores or embeddings are an error naming how many and where, never a number.
 - R@K = 100 · mean(rank < K); medr = floor(median(rank)) + 1; meanr = mean(rank) + 1 (1-based ranks).
 - rsum = i2t R@1+R@5+R@10 + t2i R@1+R@5+R@10.
 - COCO 1K: 5 folds of N/5 images, every metric averaged over folds (rsum = mean of the per-fold
@@ -20,6 +22,7 @@ import numpy as np
 import torch
 
 from .data.precomp import Split, sequential_batches
+from .errors import NonFiniteError
 from .models import cat_embeddings, slice_embeddings
 
 METRIC_KEYS = ("i2t_r1", "i2t_r5", "i2t_r10", "i2t_medr", "i2t_meanr",
@@ -35,9 +38,46 @@ def _as_tensor(sims) -> torch.Tensor:
         raise ValueError(f"sims must be 2-D (N_img, k*N_img), got shape {tuple(sims.shape)}")
     if not sims.dtype.is_floating_point:
         sims = sims.double()
-    if torch.isnan(sims).any():
-        raise ValueError("sims contains NaN")
     return sims
+
+
+def _where(flat_positions: torch.Tensor, n_cols: int | None, limit: int = 5) -> str:
+    pos = flat_positions[:limit].tolist()
+    shown = ", ".join(f"({p // n_cols}, {p % n_cols})" if n_cols else str(p) for p in pos)
+    return shown + (", ..." if flat_positions.numel() > limit else "")
+
+
+class _FiniteScores:
+    """Counts non-finite scores over the blocks of a (N_img, N_txt) matrix; `raise_if_any` reports them."""
+
+    def __init__(self, n_txt: int):
+        self.n_txt, self.count, self.first = n_txt, 0, []
+
+    def check(self, sims: torch.Tensor, row0: int) -> None:
+        bad = ~torch.isfinite(sims)
+        if bad.any():
+            flat = bad.flatten().nonzero().flatten()
+            self.count += flat.numel()
+            self.first.append((flat[:5] + row0 * self.n_txt).cpu())
+
+    def raise_if_any(self) -> None:
+        if self.count:
+            first = torch.cat(self.first)
+            raise NonFiniteError(f"{self.count} similarity score(s) are NaN or infinite, at (image, caption) "
+                                 f"{_where(first, self.n_txt)}; evaluation refuses to rank them")
+
+
+def check_finite_embeddings(emb, what: str) -> None:
+    """Raises NonFiniteError naming the items (rows) of `emb` (a tensor or tuple of tensors) that hold a
+    NaN or infinite value."""
+    parts = (emb,) if isinstance(emb, torch.Tensor) else tuple(emb)
+    bad = torch.zeros(parts[0].size(0), dtype=torch.bool, device=parts[0].device)
+    for part in parts:
+        bad |= ~torch.isfinite(part.reshape(part.size(0), -1)).all(1)
+    if bad.any():
+        rows = bad.nonzero().flatten().cpu()
+        raise NonFiniteError(f"{rows.numel()} of {bad.numel()} {what} embeddings hold NaN or infinite values "
+                             f"({what} {_where(rows, None)}); the model (or its input features) is not finite")
 
 
 def _check_shape(n_img: int, n_txt: int, k: int) -> None:
@@ -58,16 +98,34 @@ def metrics_from_ranks(i2t_ranks, t2i_ranks) -> dict:
     return out
 
 
+def _i2t_block(sims: torch.Tensor, row0: int, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows [row0, row0 + b) of the matrix: (i2t ranks (b,), their positives (b, k))."""
+    b = sims.size(0)
+    rows = torch.arange(b, device=sims.device)
+    own = sims.view(b, -1, k)[rows, rows + row0]                                # (b, k)
+    best = own.max(1, keepdim=True)[0]
+    # Everything scoring >= the best positive, minus the image's own captions among them.
+    return (sims >= best).sum(1) - (own >= best).sum(1), own.reshape(-1)
+
+
+def _t2i_block(sims: torch.Tensor, row0: int, positives: torch.Tensor, k: int) -> torch.Tensor:
+    """Contribution of rows [row0, row0 + b) to the t2i ranks: other images scoring >= each caption's own."""
+    at_least = sims >= positives[None, :]
+    cols = torch.arange(row0 * k, min(sims.size(1), (row0 + sims.size(0)) * k), device=sims.device)
+    at_least[cols // k - row0, cols] = False  # the caption's own image is not a negative
+    return at_least.sum(0)
+
+
 def ranks(sims, captions_per_image: int = 5) -> tuple[torch.Tensor, torch.Tensor]:
-    """(i2t ranks (N,), t2i ranks (kN,)), 0-based, ties counted in favour of the positive."""
+    """(i2t ranks (N,), t2i ranks (kN,)), 0-based: the number of negatives scoring >= the (best) positive."""
     sims = _as_tensor(sims)
     n, k = sims.size(0), captions_per_image
     _check_shape(n, sims.size(1), k)
-    best_pos = sims.view(n, n, k)[torch.arange(n), torch.arange(n)].max(1)[0]   # (N,)
-    i2t = (sims > best_pos[:, None]).sum(1)
-    pos = sims[torch.arange(n * k, device=sims.device) // k, torch.arange(n * k, device=sims.device)]
-    t2i = (sims > pos[None, :]).sum(0)
-    return i2t, t2i
+    finite = _FiniteScores(sims.size(1))
+    finite.check(sims, 0)
+    finite.raise_if_any()
+    i2t, positives = _i2t_block(sims, 0, k)
+    return i2t, _t2i_block(sims, 0, positives, k)
 
 
 def retrieval_metrics(sims, captions_per_image: int = 5) -> dict:
@@ -120,20 +178,22 @@ def streamed_ranks(model, img_emb, txt_emb, captions_per_image: int = 5, block: 
     n, k = _num_items(img_emb), captions_per_image
     n_txt = _num_items(txt_emb)
     _check_shape(n, n_txt, k)
+    check_finite_embeddings(img_emb, "image")
+    check_finite_embeddings(txt_emb, "caption")
+    finite = _FiniteScores(n_txt)
     i2t, pos = [], []
     for s in range(0, n, block):
-        e = min(n, s + block)
-        sims = model.similarity(slice_embeddings(img_emb, s, e), txt_emb).float()
-        rows = torch.arange(e - s, device=sims.device)
-        own = sims.view(e - s, n, k)[rows, torch.arange(s, e, device=sims.device)]  # (b, k)
-        i2t.append((sims > own.max(1)[0][:, None]).sum(1).cpu())
-        pos.append(own.reshape(-1))
+        sims = model.similarity(slice_embeddings(img_emb, s, min(n, s + block)), txt_emb).float()
+        finite.check(sims, s)
+        block_ranks, own = _i2t_block(sims, s, k)
+        i2t.append(block_ranks.cpu())
+        pos.append(own)
+    finite.raise_if_any()
     pos = torch.cat(pos)
     t2i = torch.zeros(n_txt, dtype=torch.long, device=pos.device)
     for s in range(0, n, block):
-        e = min(n, s + block)
-        sims = model.similarity(slice_embeddings(img_emb, s, e), txt_emb).float()
-        t2i += (sims > pos[None, :]).sum(0)
+        sims = model.similarity(slice_embeddings(img_emb, s, min(n, s + block)), txt_emb).float()
+        t2i += _t2i_block(sims, s, pos, k)
     return torch.cat(i2t), t2i.cpu()
 
 

@@ -18,7 +18,9 @@ import argparse
 import copy
 import csv
 import json
+import math
 import os
+import shutil
 import signal
 import sys
 import time
@@ -28,8 +30,10 @@ from pathlib import Path
 import torch
 
 from . import distributed
-from .checkpoint import load_train_state, load_weights, resolve, save_checkpoint
+from .checkpoint import (check_finite_state, load_train_state, load_weights, read_checkpoint_config,
+                         read_checkpoint_json, resolve, save_checkpoint, verified)
 from .data import Split, SyntheticConfig, Vocabulary, ensure_synthetic, shuffled_batches
+from .errors import NonFiniteError
 from .evaluation import METRIC_KEYS, evaluate_split, format_table
 from .models import DataInfo, available_models, build_model, get_model_class
 
@@ -134,6 +138,8 @@ def build_parser() -> argparse.ArgumentParser:
     a("--precision", choices=["fp32", "bf16", "fp16"])
     a("--out", help="run folder (default runs/<model>-<data>)")
     a("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    a("--overwrite", action="store_true",
+      help="start a new run in a non-empty --out, replacing the files an earlier run wrote there")
     a("--config", help="TOML or JSON file with any of these options (command line wins)")
     a("--option", action="append", metavar="KEY=VALUE", help="model option (repeatable), e.g. embed_size=512")
     a("--synthetic", action="append", metavar="KEY=VALUE", help="synthetic data option, e.g. n_train=500")
@@ -146,7 +152,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _cli_overrides(args) -> dict:
-    skip = {"resume", "config", "option", "synthetic"}
+    skip = {"resume", "overwrite", "config", "option", "synthetic"}
     out = {k: v for k, v in vars(args).items() if v is not None and k not in skip}
     if args.option:
         out["model_options"] = _parse_kv(args.option, "--option")
@@ -167,10 +173,51 @@ def resolve_config(args) -> dict:
     cfg = _merge(_merge(cfg, file_cfg), cli)
     if cfg["out"] is None:
         cfg["out"] = str(Path("runs") / f"{cfg['model']}-{Path(cfg['data']).name}")
-    cls.resolve_options(cfg["model_options"])  # fail early on unknown model options
+    cls.resolve_options(cfg["model_options"])  # fail early on unknown or mistyped model options
     if cfg["features"] is None:
         cfg["features"] = cls.features_for(cfg["model_options"])
+    validate_run_config(cfg)
     return cfg
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v) -> bool:
+    return (isinstance(v, (int, float)) and not isinstance(v, bool)) and math.isfinite(v)
+
+
+# key: (check, what it must be). Checked on the merged config, so config files get the same checks.
+_RUN_CHECKS = {
+    "epochs": (lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
+    "batch_size": (lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
+    "eval_batch_size": (lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
+    "threads": (lambda v: v is None or (_is_int(v) and v >= 1), "an integer >= 1 (or unset: one per core)"),
+    "seed": (_is_int, "an integer"),
+    "lr": (lambda v: _is_number(v) and v > 0, "a finite number > 0"),
+    "weight_decay": (lambda v: _is_number(v) and v >= 0, "a finite number >= 0"),
+    "grad_clip": (lambda v: v is None or (_is_number(v) and v >= 0), "a finite number >= 0 (0 = off)"),
+    "lr_gamma": (lambda v: _is_number(v) and v > 0, "a finite number > 0"),
+    "lr_milestones": (lambda v: isinstance(v, list) and all(_is_int(m) and m >= 0 for m in v),
+                      "a list of epoch numbers >= 0"),
+    "vocab_min_count": (lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
+    "precision": (lambda v: v in ("fp32", "bf16", "fp16"), "one of fp32, bf16, fp16"),
+    "optimizer": (lambda v: v in ("adam", "adamw"), "adam or adamw"),
+    "features": (lambda v: v in ("regions", "grids"), "regions or grids"),
+    "progress": (lambda v: isinstance(v, bool), "true or false"),
+    "device": (lambda v: isinstance(v, str), "a device name"),
+    "data": (lambda v: isinstance(v, str), "'synthetic' or a folder"),
+    "test_split": (lambda v: isinstance(v, str) and v != "", "a split name"),
+}
+
+
+def validate_run_config(cfg: dict) -> None:
+    """Refuses bad values before any work, naming the option: `--batch-size 0` must not reach a loop."""
+    for key, (ok, what) in _RUN_CHECKS.items():
+        if not ok(cfg.get(key)):
+            raise ValueError(f"--{key.replace('_', '-')} must be {what}, got {cfg.get(key)!r}")
+    pick_device(cfg["device"])
 
 
 # ------------------------------------------------------------------------------------------ data
@@ -194,9 +241,24 @@ def load_split(root: Path, split: str, vocab: Vocabulary | None, features: str, 
 
 # --------------------------------------------------------------------------------------- helpers
 def pick_device(name: str) -> torch.device:
+    """'auto' (CUDA when present), or a torch device name that exists on this machine."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    try:
+        device = torch.device(name)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"--device: unknown device {name!r}; use auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"--device {name}: no CUDA GPU is visible here (torch {torch.__version__}, "
+                             f"CUDA build {torch.version.cuda}); use --device cpu or auto")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ValueError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s) are visible")
+    elif device.type != "cpu":
+        backend = getattr(torch.backends, device.type, None)
+        if backend is None or not getattr(backend, "is_available", lambda: False)():
+            raise ValueError(f"--device {name}: device type {device.type!r} is not available here; use cpu or cuda")
+    return device
 
 
 def autocast_dtype(precision: str, device: torch.device):
@@ -285,6 +347,55 @@ class Logger:
             os.replace(self.out / f"{name}.png.tmp.png", self.out / f"{name}.png")
 
 
+# ------------------------------------------------------------------------------------- run folder
+# What a run writes into its folder (and the leftovers of killed saves: .best.old, .last.tmp-<pid>, *.tmp).
+RUN_FILES = {"config.json", "vocab.json", "metrics.json", "metrics.jsonl", "metrics.csv", "loss.png", "rsum.png",
+             "train.log", "best", "last", "tensorboard"}
+
+
+def _is_run_file(name: str) -> bool:
+    if name.split(".tmp")[0] in RUN_FILES:  # metrics.jsonl.tmp, loss.png.tmp.png: a killed write
+        return True
+    return any(name == f".{c}.old" or name.startswith(f".{c}.tmp-") for c in ("best", "last"))
+
+
+def check_run_folder(out: Path, resume: bool, overwrite: bool) -> Path | None:
+    """The checkpoint to resume from (None for a new run), or an error before anything is written:
+    a new run needs an empty or new --out (or --overwrite); --resume needs a usable last checkpoint."""
+    if resume and overwrite:
+        raise ValueError("--resume continues the run in --out and --overwrite replaces it: pass one of them")
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"--out {out} is a file, not a folder")
+    if resume:
+        last = resolve(out / "last")
+        if last is None:
+            raise FileNotFoundError(f"--resume: no complete checkpoint in {out / 'last'} to continue from "
+                                    f"(start the run again with --overwrite, or choose another --out)")
+        return last
+    entries = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
+    if entries and not overwrite:
+        ours = [e for e in entries if _is_run_file(e)]
+        what = (f"files of an earlier run ({', '.join(ours[:6])})" if ours
+                else f"files that are not a run's ({', '.join(entries[:6])})")
+        raise FileExistsError(f"--out {out} already holds {what}; pass --resume to continue that run, "
+                              f"--overwrite to replace it, or choose another --out")
+    return None
+
+
+def remove_run_files(out: Path) -> None:
+    """--overwrite: removes what a run writes; anything else in the folder is left alone (and said so)."""
+    if not out.is_dir():
+        return
+    kept = []
+    for p in sorted(out.iterdir()):
+        if _is_run_file(p.name):
+            shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
+        else:
+            kept.append(p.name)
+    if kept:
+        print(f"note: --overwrite kept {len(kept)} file(s) in {out} that a run does not write: {', '.join(kept[:6])}")
+
+
 # ------------------------------------------------------------------------------------------ train
 class _GlobalBatchLoss(torch.nn.Module):
     """What DistributedDataParallel wraps: encode the local batch, gather embeddings (with gradients) and
@@ -318,21 +429,15 @@ def _train(cfg: dict, resume: bool, ctx: distributed.Context) -> dict | None:
     t_start = time.time()
     say = print if ctx.is_main else (lambda *args, **kwargs: None)
     out = Path(cfg["out"])
-    last_dir = resolve(out / "last")
-    if last_dir is not None and not resume:
-        raise FileExistsError(f"{out} already holds a run; pass --resume to continue it, or another --out")
+    overwrite = cfg.get("_overwrite", False)
+    last_dir = check_run_folder(out, resume, overwrite)
     state = None
-    if resume and last_dir is not None:
-        stored = json.loads((last_dir / "config.json").read_text())["run"]
+    if resume:
+        stored = read_checkpoint_config(last_dir)["run"]
         cfg = _merge(stored, {k: v for k, v in cfg.items() if k in cfg.get("_explicit", ())})
         state = load_train_state(last_dir)
-    elif resume:
-        say(f"note: no checkpoint in {out} yet; starting a new run")
-    cfg = {k: v for k, v in cfg.items() if k != "_explicit"}
-    distributed.barrier(ctx)  # every rank has looked for a checkpoint before rank 0 writes one
-    if ctx.is_main:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "config.json").write_text(json.dumps(cfg, indent=1))
+    cfg = {k: v for k, v in cfg.items() if not k.startswith("_")}
+    distributed.barrier(ctx)  # every rank has looked at --out before rank 0 changes it
 
     if cfg.get("threads"):
         torch.set_num_threads(cfg["threads"])
@@ -346,21 +451,27 @@ def _train(cfg: dict, resume: bool, ctx: distributed.Context) -> dict | None:
         distributed.barrier(ctx)
     train_split = load_split(root, "train", None, cfg["features"])
     if state is not None:
-        vocab = Vocabulary.load(last_dir / "vocab.json")
+        vocab = Vocabulary.load(verified(last_dir / "vocab.json"))
     elif cfg["vocab"]:
         vocab = Vocabulary.load(cfg["vocab"])
     else:
         vocab = Vocabulary.build(train_split.captions, cfg["vocab_min_count"])
-    if ctx.is_main:
-        vocab.save(out / "vocab.json")
     train_split.set_vocab(vocab)
     info = DataInfo(vocab_size=len(vocab), feature_dim=train_split.feature_dim, set_size=train_split.set_size,
                     grid_size=train_split.grid_size, captions_per_image=train_split.captions_per_image)
     dev_split = load_split(root, "dev", vocab, cfg["features"], info)
+    # Read now, so that a missing or malformed test split stops the run before training, not after it.
+    test_split = load_split(root, cfg["test_split"], vocab, cfg["features"], info)
 
     model = build_model(cfg["model"], cfg["model_options"], info)
     model.prepare(train_split)
     model.to(device)
+    if ctx.is_main:  # data and model are set up: only now does the run folder change
+        if overwrite:
+            remove_run_files(out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.json").write_text(json.dumps(cfg, indent=1))
+        vocab.save(out / "vocab.json")
     ddp_loss = None
     if ctx.enabled:
         # --batch-size is per process: the loss ranks the global batch of batch_size * world_size pairs.
@@ -387,7 +498,7 @@ def _train(cfg: dict, resume: bool, ctx: distributed.Context) -> dict | None:
         torch.set_rng_state(state["rng_cpu"])
         if device.type == "cuda" and state.get("rng_cuda") is not None:
             torch.cuda.set_rng_state(state["rng_cuda"], device)
-        meta = json.loads((last_dir / "meta.json").read_text())
+        meta = read_checkpoint_json(last_dir, "meta.json")
         start_epoch, step, best_rsum = meta["epoch"] + 1, meta["step"], meta["best_rsum"]
         history, best_epoch = meta["history"], meta["best_epoch"]
         if ctx.enabled:  # the saved RNG state is rank 0's: give each rank its own stream again
@@ -411,29 +522,42 @@ def _train(cfg: dict, resume: bool, ctx: distributed.Context) -> dict | None:
                             cfg["progress"] and ctx.is_main, desc=f"epoch {epoch + 1}/{cfg['epochs']}")
         loss_sum, n_batches, part_sums = 0.0, 0, {}
         for idx in batches:
-            batch = train_split.pair_batch(idx).to(device)
+            where = f"epoch {epoch + 1}, step {step + 1}"
+            try:
+                batch = train_split.pair_batch(idx).to(device)
+            except NonFiniteError as e:
+                raise NonFiniteError(f"{where}: {e}") from None
             with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
                 loss, logs = _loss_step(model, batch, epoch, ctx, ddp_loss)
+            loss_value = float(loss.detach())
+            if not math.isfinite(loss_value):
+                terms = ", ".join(f"{k} {v:.4g}" for k, v in logs.items() if k != "loss")
+                raise NonFiniteError(f"{where}: the training loss is {loss_value}{f' ({terms})' if terms else ''} "
+                                     f"although the batch's features are finite: the model diverged (try a lower --lr)")
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
-            if cfg["grad_clip"] and cfg["grad_clip"] > 0:
-                scaler.unscale_(optimizer)
-                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg["grad_clip"])
+            scaler.unscale_(optimizer)  # a no-op without fp16's grad scaler
+            clip = cfg["grad_clip"] if cfg["grad_clip"] and cfg["grad_clip"] > 0 else math.inf
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), clip))
+            if not math.isfinite(grad_norm) and not scaler.is_enabled():  # fp16: the scaler skips the step
+                raise NonFiniteError(f"{where}: the gradient norm is {grad_norm} (loss {loss_value:.4g}): "
+                                     f"the model diverged (try a lower --lr)")
             scaler.step(optimizer)
             scaler.update()
             step += 1
-            loss_sum += float(loss.detach())
+            loss_sum += loss_value
             n_batches += 1
             for key, value in logs.items():  # the model's loss terms (e.g. AVSE's l_m, l_reg)
                 if key != "loss":
                     part_sums[key] = part_sums.get(key, 0.0) + float(value)
             if cfg["progress"] and ctx.is_main:
-                batches.set_postfix(loss=f"{float(loss.detach()):.3f}")
+                batches.set_postfix(loss=f"{loss_value:.3f}")
             if kill_after and step >= kill_after:
                 os.kill(os.getpid(), signal.SIGKILL)
         lr = optimizer.param_groups[0]["lr"]
         if scheduler is not None:
             scheduler.step()
+        check_finite_state(model.state_dict(), f"after epoch {epoch + 1} (step {step}), the model")
         if not ctx.is_main:  # rank 0 evaluates and saves; the others wait for it
             distributed.barrier(ctx)
             continue
@@ -468,9 +592,8 @@ def _train(cfg: dict, resume: bool, ctx: distributed.Context) -> dict | None:
     if best_dir is None:
         raise RuntimeError(f"no best checkpoint in {out} (0 epochs trained?)")
     load_weights(model, best_dir)
-    test_split = load_split(root, cfg["test_split"], vocab, cfg["features"], info)
     test = evaluate_split(model, test_split, batch_size=cfg["eval_batch_size"], autocast_dtype=amp)
-    best_meta = json.loads((best_dir / "meta.json").read_text())
+    best_meta = read_checkpoint_json(best_dir, "meta.json")
     result = {"test": test, "dev": best_meta["dev"], "best_epoch": best_meta["epoch"], "model": cfg["model"],
               "data": cfg["data"], "features": cfg["features"], "test_split": cfg["test_split"],
               "epochs": cfg["epochs"], "seed": cfg["seed"], "device": str(device),
@@ -490,6 +613,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = resolve_config(args)
         cfg["_explicit"] = tuple(_cli_overrides(args))
+        cfg["_overwrite"] = args.overwrite
         train(cfg, resume=args.resume)
     except (FileNotFoundError, FileExistsError, ValueError) as e:
         print(f"vse-train: error: {e}", file=sys.stderr)

@@ -23,6 +23,7 @@ from typing import Iterator, Sequence
 import numpy as np
 import torch
 
+from ..errors import NonFiniteError
 from .vocab import PAD, Vocabulary, tokenize
 
 FEATURE_FILES = {"regions": "{split}_ims.npy", "grids": "{split}_grids.npy"}
@@ -112,6 +113,17 @@ def load_features(path: Path, kind: str) -> tuple[np.ndarray, int | None]:
     return arr.reshape(arr.shape[0], -1, arr.shape[3]), arr.shape[1]
 
 
+def _check_finite_features(feats: np.ndarray, image_index: np.ndarray, path: Path) -> None:
+    """Per batch, so that a 32 GB feature file is never scanned up front: NaN/inf features are an error
+    naming the file and the images."""
+    finite = np.isfinite(feats.reshape(len(feats), -1))
+    if not finite.all():
+        bad = np.flatnonzero(~finite.all(1))
+        shown = ", ".join(f"{image_index[b]} ({int((~finite[b]).sum())} values)" for b in bad[:5])
+        more = f" and {len(bad) - 5} more" if len(bad) > 5 else ""
+        raise NonFiniteError(f"{path}: NaN or infinite features in image(s) {shown}{more}")
+
+
 class Split:
     """One split of a precomputed data folder: memory-mapped features + tokenised captions."""
 
@@ -125,7 +137,7 @@ class Split:
         self.caption_path = self.root / f"{split}_caps.txt"
         self.images, self.grid_size = load_features(self.feature_path, features)
         self.cls = None
-        cls_path = self.root / f"{split}_grid_cls.npy"
+        self.cls_path = cls_path = self.root / f"{split}_grid_cls.npy"
         if features == "grids" and cls_path.is_file():
             self.cls = np.load(cls_path, mmap_mode="r")
             if self.cls.shape != (self.images.shape[0], self.images.shape[2]):
@@ -177,8 +189,11 @@ class Split:
         # Sorted unique reads from the memory map, then scatter back: cheap on a cold page cache.
         uniq, inverse = np.unique(img_idx, return_inverse=True)
         feats = np.asarray(self.images[uniq], dtype=np.float32)
+        _check_finite_features(feats, uniq, self.feature_path)
         if self.cls is not None:
-            feats = np.concatenate([np.asarray(self.cls[uniq], dtype=np.float32)[:, None], feats], axis=1)
+            cls = np.asarray(self.cls[uniq], dtype=np.float32)
+            _check_finite_features(cls, uniq, self.cls_path)
+            feats = np.concatenate([cls[:, None], feats], axis=1)
         return torch.from_numpy(feats[inverse.reshape(-1)])
 
     def image_batch(self, img_idx) -> Batch:

@@ -38,6 +38,7 @@ lookup. The trainer and `vse-eval` use only this contract, so a new model never 
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 
 import torch
@@ -46,6 +47,7 @@ from torch import nn
 from ..losses import hinge_triplet_loss, hinge_triplet_loss_embeddings
 
 _REGISTRY: dict[str, type["RetrievalModel"]] = {}
+COMMON_OPTION_CHOICES = {"backend": ("kernels", "reference"), "features": ("regions", "grids")}
 _IMPORT_ERRORS: dict[str, str] = {}
 
 
@@ -125,6 +127,8 @@ class RetrievalModel(nn.Module):
 
     name = "base"
     default_options: dict = {}
+    option_choices: dict = {}   # option -> allowed values (checked before a model is built)
+    option_types: dict = {}     # option with a None default -> the type of its other values
     recipe: dict = {}
     feature_kind = "regions"
     has_unused_parameters = False  # True: some parameters may get no gradient in a step (DDP must look)
@@ -141,7 +145,35 @@ class RetrievalModel(nn.Module):
         if unknown:
             raise ValueError(f"unknown option(s) {unknown} for model {cls.name!r}; "
                              f"known: {sorted(cls.default_options)}")
+        for key, value in options.items():
+            cls._check_option(key, value)
         return {**cls.default_options, **options}
+
+    @classmethod
+    def _check_option(cls, key: str, value) -> None:
+        """An option's value must be one of its `option_choices`, else of its default's type: a mistyped
+        value ("False" for False, "adap_summ") is refused before any work instead of silently changing it."""
+        choices = {**COMMON_OPTION_CHOICES, **cls.option_choices}.get(key)
+        default = cls.default_options[key]
+        if choices is not None:
+            ok, what = any(value == c and type(value) is type(c) for c in choices), f"one of {list(choices)}"
+        elif default is None:  # "unset" by default: None or a value of the declared type
+            kind = cls.option_types.get(key)
+            if kind is None:
+                return
+            ok = value is None or (isinstance(value, kind) and not isinstance(value, bool))
+            what = f"a {kind.__name__} (or null: unset)"
+        elif isinstance(default, bool):
+            ok, what = isinstance(value, bool), "true or false"
+        elif isinstance(default, int):
+            ok, what = isinstance(value, int) and not isinstance(value, bool), "an integer"
+        elif isinstance(default, float):
+            ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+            what = "a finite number"
+        else:
+            ok, what = isinstance(value, type(default)), f"a {type(default).__name__}"
+        if not ok:
+            raise ValueError(f"option {key} of model {cls.name!r} must be {what}, got {value!r}")
 
     @classmethod
     def features_for(cls, options: dict | None) -> str:
