@@ -1,13 +1,20 @@
 """vse_kernels.hinge_triplet_loss (C++/CUDA op) against its plain-PyTorch reference."""
 
+import json
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
 import vse_kernels as vk
 from vse_kernels.ops.hinge_loss import hinge_triplet_loss_reference as reference
-from utils import DEVICES, assert_close, assert_matches_reference
+from utils import DEVICES, assert_close, assert_matches_reference, values_and_grads
 
 OP_FWD = torch.ops.vse_kernels.hinge_triplet_loss_fwd.default
+OP_BWD = torch.ops.vse_kernels.hinge_triplet_loss_bwd.default
+NAN, INF = float("nan"), float("inf")
 
 
 def repeated_ids(batch, device="cpu"):
@@ -23,6 +30,15 @@ def reference_fn(**options):
     return lambda s: reference(s, **options)
 
 
+def assert_matches_reference_with_nan(fn, reference, inputs, grad_output):
+    """Values and input gradients equal the reference's, NaN where the reference has NaN (and only there)."""
+    out, grads = values_and_grads(fn, inputs, grad_output)
+    ref_out, ref_grads = values_and_grads(reference, inputs, grad_output)
+    torch.testing.assert_close(out, ref_out, equal_nan=True, msg=lambda m: f"forward value\n{m}")
+    for k, (g, ref_g) in enumerate(zip(grads, ref_grads)):
+        torch.testing.assert_close(g, ref_g, equal_nan=True, msg=lambda m: f"gradient of input {k}\n{m}")
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("batch", [1, 2, 7, 33, 128, 301])
 @pytest.mark.parametrize("max_violation", [True, False])
@@ -33,6 +49,50 @@ def test_matches_reference(device, batch, max_violation, same_image, reduction):
     options = dict(margin=0.2, max_violation=max_violation, reduction=reduction,
                    img_ids=repeated_ids(batch, device) if same_image else None)
     assert_matches_reference(loss_fn(**options), reference_fn(**options), [scores])
+
+
+def scattered(batch, count, seed=1):
+    """(i, j, value) for `count` random positions of a batch x batch matrix, NaN, +inf and -inf in turn."""
+    generator = torch.Generator().manual_seed(seed)
+    positions = torch.randint(0, batch, (count, 2), generator=generator).tolist()
+    return [(i, j, (NAN, INF, -INF)[n % 3]) for n, (i, j) in enumerate(positions)]
+
+
+# (batch, [(i, j, value)]) written into random scores. With img_ids = arange(B) // 2, (0, 1) and (4, 5) are
+# the same image (masked: the reference never reads them), (0, 3) is a negative either way.
+NON_FINITE_SCORES = {
+    "nan-negative": (6, [(0, 3, NAN)]),
+    "nan-same-image": (6, [(0, 1, NAN), (5, 4, NAN)]),
+    "nan-diagonal": (6, [(2, 2, NAN)]),
+    "nans-in-a-row-and-column": (6, [(4, 3, NAN), (4, 0, NAN), (1, 0, NAN)]),  # the lowest NaN index wins
+    "all-nan": (6, [(i, j, NAN) for i in range(6) for j in range(6)]),
+    "nan-beats-inf": (6, [(1, 4, INF), (1, 5, NAN)]),
+    "+inf-negative": (6, [(0, 3, INF), (2, 3, INF)]),  # equal infinite costs: the lowest index wins
+    "-inf-negative": (6, [(0, 3, -INF)]),
+    "+inf-diagonal": (6, [(2, 2, INF)]),
+    "-inf-diagonal": (6, [(2, 2, -INF)]),
+    "inf-minus-inf": (6, [(2, 2, INF), (2, 4, INF)]),  # (margin + inf) - inf is NaN
+    # Spread over CUDA threads, row chunks and CPU column blocks, whose partial maxima are merged.
+    "scattered": (600, scattered(600, 40)),
+}
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("case", NON_FINITE_SCORES)
+@pytest.mark.parametrize("max_violation", [True, False])
+@pytest.mark.parametrize("same_image", [False, True])
+@pytest.mark.parametrize("reduction", ["sum", "mean"])
+def test_non_finite_scores_propagate_like_the_reference(device, case, max_violation, same_image, reduction):
+    # The reference: a NaN cost of a negative pair makes the loss NaN and, in max mode, wins its row/column
+    # max at the lowest NaN index; its gradient is finite (relu passes it where the output is NaN).
+    batch, entries = NON_FINITE_SCORES[case]
+    scores = torch.randn(batch, batch, dtype=torch.float64)
+    for i, j, value in entries:
+        scores[i, j] = value
+    options = dict(max_violation=max_violation, reduction=reduction,
+                   img_ids=torch.arange(batch, device=device) // 2 if same_image else None)
+    assert_matches_reference_with_nan(loss_fn(**options), reference_fn(**options), [scores.to(device).requires_grad_()],
+                                      grad_output=torch.tensor(1.5, dtype=torch.float64, device=device))
 
 
 @pytest.mark.parametrize("max_violation", [True, False])
@@ -152,12 +212,55 @@ def test_deterministic():
     (dict(img_ids=torch.zeros(3, dtype=torch.long, device="meta")), ValueError, r"scores on cpu, img_ids on meta"),
     (dict(reduction="avg"), ValueError, r"reduction must be one of \('sum', 'mean'\), got 'avg'"),
     (dict(margin="0.2"), TypeError, r"margin must be a number, got str"),
+    (dict(max_violation="False"), TypeError, r"max_violation must be True or False, got 'False'"),
+    (dict(max_violation=1), TypeError, r"max_violation must be True or False, got 1"),
 ])
 def test_bad_input(bad, error, match):
     args = dict(scores=torch.randn(3, 3)) | bad
     scores = args.pop("scores")
     with pytest.raises(error, match=match):
         vk.hinge_triplet_loss(scores, **args)
+
+
+@pytest.mark.parametrize("margin", [NAN, INF, -INF])
+def test_non_finite_margin_is_rejected(margin):
+    scores = torch.randn(3, 3)
+    with pytest.raises(ValueError, match=r"margin must be finite, got"):
+        vk.hinge_triplet_loss(scores, margin=margin)
+    # The registered ops check it too: calling them directly is as safe.
+    with pytest.raises(RuntimeError, match=r"margin must be finite"):
+        OP_FWD(scores, margin, True, None)
+    stat = torch.full((3,), -1, dtype=torch.long)
+    with pytest.raises(RuntimeError, match=r"margin must be finite"):
+        OP_BWD(torch.ones(()), scores, margin, False, None, stat, stat)
+
+
+# Run here (compiled ops) and in a process without the extension (references): both must print the same.
+_EMPTY_BATCH = """
+import itertools, json, torch, vse_kernels as vk
+results = []
+no_ids = torch.empty(0, dtype=torch.long)
+for max_violation, reduction, ids in itertools.product([True, False], ["sum", "mean"], [None, no_ids]):
+    options = dict(max_violation=max_violation, reduction=reduction, img_ids=ids)
+    scores, img, txt = (torch.empty(shape, requires_grad=True) for shape in [(0, 0), (0, 8), (0, 8)])
+    for loss, inputs in [(vk.hinge_triplet_loss(scores, **options), [scores]),
+                         (vk.hinge_triplet_loss_embeddings(img, txt, **options), [img, txt])]:
+        grads = torch.autograd.grad(loss, inputs)
+        results.append([loss.item(), [list(g.shape) for g in grads]])
+print(json.dumps(results))
+"""
+
+
+def test_empty_batch_with_and_without_extension(capsys):
+    # B = 0 has no terms: loss 0 under both reductions (not 0 / 0) and empty gradients, for both ops.
+    exec(_EMPTY_BATCH, {})
+    compiled = json.loads(capsys.readouterr().out)
+    env = dict(os.environ, VSE_KERNELS_DISABLE_EXT="1")
+    result = subprocess.run([sys.executable, "-c", _EMPTY_BATCH], env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout) == compiled
+    assert len(compiled) == 16
+    assert all(loss == 0.0 and shapes in ([[0, 0]], [[0, 8], [0, 8]]) for loss, shapes in compiled)
 
 
 def test_op_checks_its_inputs():

@@ -6,9 +6,11 @@ import torch
 import vse_kernels as vk
 from vse_kernels.ops.hinge_loss import hinge_triplet_loss_embeddings_reference as reference
 from memory import rss_growth_mib
+from test_hinge_loss import INF, NAN, assert_matches_reference_with_nan
 from utils import DEVICES, assert_close, assert_matches_reference
 
 OP_FWD = torch.ops.vse_kernels.hinge_triplet_loss_emb_fwd.default
+OP_BWD = torch.ops.vse_kernels.hinge_triplet_loss_emb_bwd.default
 
 
 def embeddings(batch, dim, device="cpu", dtype=torch.float32):
@@ -36,6 +38,57 @@ def test_matches_reference(device, batch, dim, max_violation, same_image, reduct
     img, txt = embeddings(batch, dim, device, torch.float64)
     assert_matches_reference(loss_fn(**options), reference_fn(**options), [img, txt],
                              grad_output=torch.tensor(1.5, dtype=torch.float64, device=device))
+
+
+def scattered(batch, dim, count, seed=1):
+    generator = torch.Generator().manual_seed(seed)
+    return [(("img", "txt")[n % 2], int(torch.randint(batch, (), generator=generator)),
+             int(torch.randint(dim, (), generator=generator)), (NAN, INF, -INF)[n % 3]) for n in range(count)]
+
+
+# (batch, dim, [(side, row, column, value)]) written into random embeddings: a non-finite entry spoils a
+# whole row (or column) of the scores, positive included.
+NON_FINITE_EMBEDDINGS = {
+    "nan-img": (6, 4, [("img", 1, 0, NAN)]),
+    "nan-txt": (6, 4, [("txt", 4, 3, NAN)]),
+    "+inf-img": (6, 4, [("img", 0, 2, INF)]),
+    "-inf-txt": (6, 4, [("txt", 5, 1, -INF)]),
+    "inf-img-and-txt": (6, 4, [("img", 2, 0, INF), ("txt", 3, 0, -INF)]),
+    "all-nan": (6, 4, [(side, i, d, NAN) for side in ("img", "txt") for i in range(6) for d in range(4)]),
+    "scattered": (300, 16, scattered(300, 16, 12)),
+}
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("case", NON_FINITE_EMBEDDINGS)
+@pytest.mark.parametrize("max_violation", [True, False])
+@pytest.mark.parametrize("same_image", [False, True])
+@pytest.mark.parametrize("reduction", ["sum", "mean"])
+def test_non_finite_embeddings_propagate_like_the_reference(device, case, max_violation, same_image, reduction):
+    # The reference differentiates img @ txt.T densely: a zero of d scores times a non-finite embedding entry
+    # is NaN, so its gradient is NaN in every column that holds one; the max-mode gathers must agree.
+    batch, dim, entries = NON_FINITE_EMBEDDINGS[case]
+    tensors = dict(zip(("img", "txt"), embeddings(batch, dim, dtype=torch.float64)))
+    with torch.no_grad():
+        for side, i, d, value in entries:
+            tensors[side][i, d] = value
+    options = dict(max_violation=max_violation, reduction=reduction,
+                   img_ids=torch.arange(batch, device=device) // 2 if same_image else None)
+    assert_matches_reference_with_nan(loss_fn(**options), reference_fn(**options),
+                                      [t.detach().to(device).requires_grad_() for t in tensors.values()],
+                                      grad_output=torch.tensor(1.5, dtype=torch.float64, device=device))
+
+
+@pytest.mark.parametrize("margin", [NAN, INF, -INF])
+def test_non_finite_margin_is_rejected(margin):
+    img, txt = torch.randn(3, 8), torch.randn(3, 8)
+    with pytest.raises(ValueError, match=r"margin must be finite, got"):
+        vk.hinge_triplet_loss_embeddings(img, txt, margin=margin)
+    with pytest.raises(RuntimeError, match=r"margin must be finite"):
+        OP_FWD(img, txt, margin, True, None)
+    stat = torch.full((3,), -1, dtype=torch.long)
+    with pytest.raises(RuntimeError, match=r"margin must be finite"):
+        OP_BWD(torch.ones(()), img, txt, margin, True, None, stat, stat)
 
 
 @pytest.mark.parametrize("max_violation", [True, False])

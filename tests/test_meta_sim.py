@@ -12,6 +12,7 @@ from vse_kernels.nn import MetaSim
 from vse_kernels.ops.meta_sim import cpu as cpu_impl
 from vse_kernels.ops.meta_sim import meta_sim_chunked
 from vse_kernels.ops.meta_sim import meta_sim_reference as reference
+from vse_kernels.ops.meta_sim import op as op_module
 from vse_kernels.ops.meta_sim.op import _meta_sim_bwd, _meta_sim_fwd
 from memory import rss_growth_mib
 from utils import DEVICES, assert_close, assert_matches_reference, relative_error, values_and_grads
@@ -68,6 +69,37 @@ def test_half_precision_close_to_float64(device):
     for dtype in (torch.float16, torch.bfloat16):
         out = vk.meta_sim(img.to(dtype), txt.to(dtype))
         assert relative_error(out, exact) < (4e-3 if dtype == torch.float16 else 2e-2)
+
+
+# Where the op runs: the blocked CPU path, the Triton kernels on CPU tensors through the interpreter (the
+# op's dispatch patched), or natively on a GPU.
+PATHS = ["cpu", pytest.param("triton", marks=pytest.mark.triton_interpret),
+         pytest.param("cuda", marks=pytest.mark.cuda)]
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_units_are_normalised_in_float32(path, dtype, monkeypatch):
+    # Unit norms above 65504 overflow float16 (every unit became 0) and eps=1e-12 underflows to 0 there
+    # (a zero unit became NaN): half units are normalised in float32 before the kernels read them.
+    if path == "triton":
+        monkeypatch.setattr(op_module, "_use_triton", lambda t: t.dtype in op_module._TRITON_DTYPES)
+    device = "cuda" if path == "cuda" else "cpu"
+    matching = torch.full((1, 2, 16), 20000.0, device=device, dtype=dtype)  # the example: norm 80000
+    assert vk.meta_sim(matching, matching).item() == pytest.approx(2.0, rel=1e-2)
+    zero = torch.zeros(1, 2, 16, device=device, dtype=dtype)
+    assert torch.equal(vk.meta_sim(zero, matching), torch.zeros(1, 1, device=device))
+    img = (torch.randn(4, 3, 64, device=device) * 1e4).clamp(-6e4, 6e4).to(dtype)  # norms ~ 80000
+    txt = (torch.randn(5, 2, 64, device=device) * 1e4).clamp(-6e4, 6e4).to(dtype)
+    grad = torch.randn(4, 5, device=device, dtype=torch.float64)
+    exact, exact_grads = values_and_grads(reference, [img.double().requires_grad_(), txt.double().requires_grad_()],
+                                          grad)
+    out, grads = values_and_grads(vk.meta_sim, [img.requires_grad_(), txt.requires_grad_()], grad.float())
+    assert relative_error(out, exact) < (4e-3 if dtype == torch.float16 else 2e-2)
+    assert_close(meta_sim_chunked(img, txt, chunk_size=(3, 2)), out)
+    for g, e in zip(grads, exact_grads):  # ~1e-5 each: float16 subnormals, hence the bound
+        assert g.dtype == dtype and torch.isfinite(g).all()
+        assert relative_error(g, e) < 2e-2
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -7,15 +7,17 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <cmath>
 #include <vector>
 
 namespace vse_kernels::hinge_loss {
 
-void check_scores(const at::Tensor& scores, const std::optional<at::Tensor>& img_ids) {
+void check_scores(const at::Tensor& scores, double margin, const std::optional<at::Tensor>& img_ids) {
   TORCH_CHECK(scores.dim() == 2 && scores.size(0) == scores.size(1),
               "hinge_triplet_loss: scores must be a square (B, B) matrix, got shape ", scores.sizes());
   TORCH_CHECK(at::isFloatingType(scores.scalar_type()),
               "hinge_triplet_loss: scores must be floating point, got ", scores.scalar_type());
+  TORCH_CHECK(std::isfinite(margin), "hinge_triplet_loss: margin must be finite, got ", margin);
   if (img_ids.has_value()) {
     const at::Tensor& ids = *img_ids;
     TORCH_CHECK(ids.dim() == 1 && ids.size(0) == scores.size(0), "hinge_triplet_loss: img_ids must have shape (",
@@ -27,7 +29,9 @@ void check_scores(const at::Tensor& scores, const std::optional<at::Tensor>& img
   }
 }
 
-void check_embeddings(const at::Tensor& img, const at::Tensor& txt, const std::optional<at::Tensor>& img_ids) {
+void check_embeddings(const at::Tensor& img, const at::Tensor& txt, double margin,
+                      const std::optional<at::Tensor>& img_ids) {
+  TORCH_CHECK(std::isfinite(margin), "hinge_triplet_loss_embeddings: margin must be finite, got ", margin);
   TORCH_CHECK(img.dim() == 2 && txt.dim() == 2 && img.sizes() == txt.sizes(),
               "hinge_triplet_loss_embeddings: img and txt must both be (B, D), got ", img.sizes(), " and ",
               txt.sizes());
@@ -62,6 +66,14 @@ at::Tensor contiguous_ids(const std::optional<at::Tensor>& img_ids) {
 
 at::Tensor positives(const at::Tensor& img, const at::Tensor& txt, at::ScalarType acc) {
   return (img.to(acc) * txt.to(acc)).sum(1).to(img.scalar_type()).to(acc).contiguous();
+}
+
+at::Tensor nonfinite_per_column(const at::Tensor& x) { return x.size(0) - at::isfinite(x).sum(0); }
+
+std::tuple<at::Tensor, at::Tensor> inverse_lists(const at::Tensor& stat) {
+  const auto [sorted, order] = at::sort(stat, /*stable=*/true, /*dim=*/0, /*descending=*/false);
+  const at::Tensor offsets = at::searchsorted(sorted, at::arange(stat.size(0) + 1, stat.options()));
+  return {order, offsets};
 }
 
 namespace {
@@ -118,32 +130,22 @@ struct ForwardState {
   }
 };
 
-// Sum mode: d loss / d scores on one tile; the diagonal takes the active-term counts of the forward.
+// Sum mode: d loss / d scores on one tile (Tile::dense_grad).
 template <typename scalar_t, typename acc_t>
 void dense_grad_tile(const Tile<scalar_t, acc_t>& t, acc_t g, const int64_t* row_count, const int64_t* col_count,
                      scalar_t* out) {
   at::parallel_for(0, t.rows, 16, [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
-      const int64_t i = t.row0 + r;
       for (int64_t j = 0; j < t.batch; ++j) {
-        acc_t v = 0;
-        if (i == j) {
-          v = -g * static_cast<acc_t>(row_count[i] + col_count[i]);
-        } else if (is_negative(t.ids, i, j)) {
-          const acc_t s = t.score(r, j);
-          v = g * static_cast<acc_t>((hinge_cost(t.margin, s, t.positive[i]) > 0) +
-                                     (hinge_cost(t.margin, s, t.positive[j]) > 0));
-        }
-        out[r * t.batch + j] = static_cast<scalar_t>(v);
+        out[r * t.batch + j] = static_cast<scalar_t>(t.dense_grad(r, j, g, row_count, col_count));
       }
     }
   });
 }
 
-
 Forward forward_cpu(const at::Tensor& scores_in, double margin, bool max_violation,
                     const std::optional<at::Tensor>& img_ids) {
-  check_scores(scores_in, img_ids);
+  check_scores(scores_in, margin, img_ids);
   const at::Tensor scores = scores_in.contiguous(), ids = contiguous_ids(img_ids);
   const int64_t B = scores.size(0);
   at::Tensor loss = at::empty({}, scores.options());
@@ -163,7 +165,7 @@ Forward forward_cpu(const at::Tensor& scores_in, double margin, bool max_violati
 at::Tensor backward_cpu(const at::Tensor& grad, const at::Tensor& scores_in, double margin, bool max_violation,
                         const std::optional<at::Tensor>& img_ids, const at::Tensor& row_stat_in,
                         const at::Tensor& col_stat_in) {
-  check_scores(scores_in, img_ids);
+  check_scores(scores_in, margin, img_ids);
   check_backward(grad, scores_in.size(0), row_stat_in, col_stat_in, scores_in.device());
   const at::Tensor scores = scores_in.contiguous(), ids = contiguous_ids(img_ids);
   const at::Tensor row_stat = row_stat_in.contiguous(), col_stat = col_stat_in.contiguous();
@@ -196,7 +198,7 @@ at::Tensor backward_cpu(const at::Tensor& grad, const at::Tensor& scores_in, dou
 
 Forward embeddings_forward_cpu(const at::Tensor& img_in, const at::Tensor& txt_in, double margin, bool max_violation,
                                const std::optional<at::Tensor>& img_ids) {
-  check_embeddings(img_in, txt_in, img_ids);
+  check_embeddings(img_in, txt_in, margin, img_ids);
   const at::Tensor img = img_in.contiguous(), txt = txt_in.contiguous(), ids = contiguous_ids(img_ids);
   const int64_t B = img.size(0), rows = tile_rows(B);
   at::Tensor loss = at::empty({}, img.options());
@@ -224,7 +226,7 @@ std::tuple<at::Tensor, at::Tensor> embeddings_backward_cpu(const at::Tensor& gra
                                                            const std::optional<at::Tensor>& img_ids,
                                                            const at::Tensor& row_stat_in,
                                                            const at::Tensor& col_stat_in) {
-  check_embeddings(img_in, txt_in, img_ids);
+  check_embeddings(img_in, txt_in, margin, img_ids);
   check_backward(grad, img_in.size(0), row_stat_in, col_stat_in, img_in.device());
   const at::Tensor img = img_in.contiguous(), txt = txt_in.contiguous(), ids = contiguous_ids(img_ids);
   const at::Tensor row_stat = row_stat_in.contiguous(), col_stat = col_stat_in.contiguous();
@@ -236,26 +238,28 @@ std::tuple<at::Tensor, at::Tensor> embeddings_backward_cpu(const at::Tensor& gra
     const acc_t g = grad.item<acc_t>();
     const int64_t *rows = row_stat.const_data_ptr<int64_t>(), *cols = col_stat.const_data_ptr<int64_t>();
     if (max_violation) {
-      // Active hinge (i, j) with positive k: d scores[i, j] = +g and d scores[k, k] = -g, i.e.
-      // d img_i += g txt_j, d txt_j += g img_i, d img_k -= g txt_k, d txt_k -= g img_k. Serial: deterministic.
-      at::Tensor gi = at::zeros({B, D}, img.options().dtype(acc)), gt = at::zeros({B, D}, img.options().dtype(acc));
-      const scalar_t *I = img.const_data_ptr<scalar_t>(), *T = txt.const_data_ptr<scalar_t>();
-      acc_t *GI = gi.mutable_data_ptr<acc_t>(), *GT = gt.mutable_data_ptr<acc_t>();
-      auto hinge = [&](int64_t i, int64_t j, int64_t k) {
-        for (int64_t d = 0; d < D; ++d) {
-          GI[i * D + d] += g * static_cast<acc_t>(T[j * D + d]);
-          GT[j * D + d] += g * static_cast<acc_t>(I[i * D + d]);
-          GI[k * D + d] -= g * static_cast<acc_t>(T[k * D + d]);
-          GT[k * D + d] -= g * static_cast<acc_t>(I[k * D + d]);
-        }
+      // O(B * D) gathers (GatherGrad), each output element written once: parallel and deterministic.
+      grad_img = at::empty({B, D}, img.options()), grad_txt = at::empty({B, D}, img.options());
+      const auto [by_col_stat, col_offsets] = inverse_lists(col_stat);  // columns whose hardest image is k
+      const auto [by_row_stat, row_offsets] = inverse_lists(row_stat);  // rows whose hardest caption is k
+      const at::Tensor txt_nonfinite = nonfinite_per_column(txt), img_nonfinite = nonfinite_per_column(img);
+      const GatherGrad<scalar_t, acc_t> img_side{txt.const_data_ptr<scalar_t>(), rows, cols,
+                                                 by_col_stat.const_data_ptr<int64_t>(),
+                                                 col_offsets.const_data_ptr<int64_t>(),
+                                                 txt_nonfinite.const_data_ptr<int64_t>(), D};
+      const GatherGrad<scalar_t, acc_t> txt_side{img.const_data_ptr<scalar_t>(), cols, rows,
+                                                 by_row_stat.const_data_ptr<int64_t>(),
+                                                 row_offsets.const_data_ptr<int64_t>(),
+                                                 img_nonfinite.const_data_ptr<int64_t>(), D};
+      auto gather = [&](const GatherGrad<scalar_t, acc_t>& side, scalar_t* out) {
+        at::parallel_for(0, B, 16, [&](int64_t begin, int64_t end) {
+          for (int64_t k = begin; k < end; ++k) {
+            for (int64_t d = 0; d < D; ++d) out[k * D + d] = static_cast<scalar_t>(side(k, d, g));
+          }
+        });
       };
-      for (int64_t i = 0; i < B; ++i) {
-        if (rows[i] >= 0) hinge(i, rows[i], i);
-      }
-      for (int64_t j = 0; j < B; ++j) {
-        if (cols[j] >= 0) hinge(cols[j], j, j);
-      }
-      grad_img = gi.to(img.scalar_type()), grad_txt = gt.to(img.scalar_type());
+      gather(img_side, grad_img.mutable_data_ptr<scalar_t>());
+      gather(txt_side, grad_txt.mutable_data_ptr<scalar_t>());
       return;
     }
     // Sum mode: the gradient of the scores is dense; rebuild it tile by tile and multiply through.

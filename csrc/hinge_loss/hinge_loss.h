@@ -12,6 +12,11 @@
 //   col_stat  (B,) int64: the same for each caption column (its hardest negative image).
 // In max mode the backward needs only these statistics: O(B) work for the matrix op, O(B * D) gathers
 // for the embedding op.
+//
+// Non-finite scores behave as in the reference (naive.py), IEEE arithmetic in the same order: a NaN cost
+// of a negative pair makes its row/column term NaN (in max mode it wins the max at its index, the lowest
+// NaN index, like torch.max), and it is an active hinge, since relu's backward passes the gradient
+// wherever its output is not <= 0. Masked pairs are never read, so their NaNs change nothing.
 #pragma once
 
 #include <ATen/core/Tensor.h>
@@ -35,20 +40,40 @@ C10_HOST_DEVICE inline bool is_negative(const int64_t* img_ids, int64_t i, int64
   return i != j && (img_ids == nullptr || img_ids[i] != img_ids[j]);
 }
 
-// Running reduction of one row or column: the max with its arg (lowest index on ties), or the sum of the
-// active (> 0) terms with their count.
+template <typename acc_t>
+C10_HOST_DEVICE inline bool is_nan(acc_t x) {
+  return x != x;
+}
+template <typename acc_t>
+C10_HOST_DEVICE inline bool is_finite(acc_t x) {
+  return !is_nan(x - x);  // inf - inf is NaN too
+}
+
+// The hinge is active (its term counts and takes the gradient) unless relu(cost) is exactly 0: NaN is active.
+template <typename acc_t>
+C10_HOST_DEVICE inline bool is_active(acc_t cost) {
+  return !(cost <= acc_t(0));
+}
+
+// Running reduction of one row or column: the max with its arg (torch.max's order: NaN above every number,
+// the lowest index on ties, NaNs included), or the sum of the active terms with their count.
 template <typename acc_t>
 struct Reduction {
   acc_t value;
-  int64_t stat;
+  int64_t stat;  // max mode: -1 while empty (value -inf)
 
   C10_HOST_DEVICE static Reduction start(bool max_violation) {
     return {max_violation ? -std::numeric_limits<acc_t>::infinity() : acc_t(0), max_violation ? -1 : 0};
   }
+  // Whether (cost, index) replaces the current max; a -inf cost never fills an empty one (relu makes it 0).
+  C10_HOST_DEVICE bool beaten_by(acc_t cost, int64_t index) const {
+    if (is_nan(value)) return is_nan(cost) && index < stat;
+    return is_nan(cost) || cost > value || (cost == value && index < stat);
+  }
   C10_HOST_DEVICE void add(acc_t cost, int64_t index, bool max_violation) {
     if (max_violation) {
-      if (cost > value || (cost == value && stat >= 0 && index < stat)) value = cost, stat = index;
-    } else if (cost > 0) {
+      if (beaten_by(cost, index)) value = cost, stat = index;
+    } else if (is_active(cost)) {
       value += cost, ++stat;
     }
   }
@@ -61,7 +86,7 @@ struct Reduction {
   }
   // The loss term and the saved statistic; an inactive hardest negative is (0, -1).
   C10_HOST_DEVICE void finish(bool max_violation, acc_t* term, int64_t* stat_out) const {
-    const bool active = !max_violation || value > acc_t(0);
+    const bool active = !max_violation || is_active(value);
     *term = active ? value : acc_t(0);
     *stat_out = active ? stat : -1;
   }
@@ -77,6 +102,46 @@ struct Tile {
   acc_t margin;
 
   C10_HOST_DEVICE acc_t score(int64_t r, int64_t j) const { return static_cast<acc_t>(scores[r * batch + j]); }
+
+  // Sum mode: d loss / d scores[row0 + r, j] for upstream gradient g, from the forward's active-term counts
+  // (the diagonal's) or the two hinges of the pair.
+  C10_HOST_DEVICE acc_t dense_grad(int64_t r, int64_t j, acc_t g, const int64_t* row_count,
+                                   const int64_t* col_count) const {
+    const int64_t i = row0 + r;
+    if (i == j) return -g * static_cast<acc_t>(row_count[i] + col_count[i]);
+    if (!is_negative(ids, i, j)) return acc_t(0);
+    const acc_t s = score(r, j);
+    return g * static_cast<acc_t>(is_active(hinge_cost(margin, s, positive[i])) +
+                                  is_active(hinge_cost(margin, s, positive[j])));
+  }
+};
+
+// Max mode, embedding op backward, one side. For image k (X = txt, own = row_stat, other = col_stat):
+//   d img_k = g * ([own_k >= 0] (X[own_k] - X[k]) + sum_{j : other_j = k} X[j] - [other_k >= 0] X[k]),
+// and symmetrically for captions; the middle sum runs over the inverse list of `other` at k, order[offsets[k]
+// : offsets[k + 1]] (a stable sort: fixed order, deterministic). The reference computes the dense product
+// d scores @ X, where every zero of d scores times a non-finite X[j, d] is NaN: so is the result wherever
+// column d of X has a non-finite entry (nonfinite[d] of them) in a row this sum does not read.
+template <typename scalar_t, typename acc_t>
+struct GatherGrad {
+  const scalar_t* X;
+  const int64_t *own, *other, *order, *offsets, *nonfinite;
+  int64_t dim;
+
+  C10_HOST_DEVICE acc_t operator()(int64_t k, int64_t d, acc_t g) const {
+    auto x = [&](int64_t row) { return static_cast<acc_t>(X[row * dim + d]); };
+    auto nonfinite_at = [&](int64_t row) { return int64_t(!is_finite(x(row))); };
+    acc_t v = 0;
+    int64_t nonfinite_read = 0;  // among the distinct rows read
+    if (own[k] >= 0) v += x(own[k]) - x(k), nonfinite_read += nonfinite_at(own[k]);
+    for (int64_t p = offsets[k]; p < offsets[k + 1]; ++p) {
+      v += x(order[p]);
+      if (order[p] != own[k]) nonfinite_read += nonfinite_at(order[p]);  // own_k may point back at k
+    }
+    if (other[k] >= 0) v -= x(k);
+    if (own[k] >= 0 || other[k] >= 0) nonfinite_read += nonfinite_at(k);
+    return nonfinite[d] > nonfinite_read ? std::numeric_limits<acc_t>::quiet_NaN() : g * v;
+  }
 };
 
 // Rows of the score matrix per tile for the embedding op: a tile of up to 2^26 scores (256 MiB in
@@ -92,10 +157,15 @@ const int64_t* ids_ptr(const at::Tensor& ids);                          // nullp
 at::Tensor contiguous_ids(const std::optional<at::Tensor>& img_ids);   // undefined when absent
 // The positives <img_i, txt_i> of the embedding op, rounded to the input dtype as a GEMM's output is.
 at::Tensor positives(const at::Tensor& img, const at::Tensor& txt, at::ScalarType acc);
+// (D,) int64: the non-finite entries of each column of a (B, D) matrix, for GatherGrad.
+at::Tensor nonfinite_per_column(const at::Tensor& x);
+// For each k, the indices whose statistic points at k, as (order, offsets) lists (inactive -1 sorts first).
+std::tuple<at::Tensor, at::Tensor> inverse_lists(const at::Tensor& stat);
 
-// TORCH_CHECKs on shapes, dtypes and devices; every message names the argument.
-void check_scores(const at::Tensor& scores, const std::optional<at::Tensor>& img_ids);
-void check_embeddings(const at::Tensor& img, const at::Tensor& txt, const std::optional<at::Tensor>& img_ids);
+// TORCH_CHECKs on shapes, dtypes, devices and a finite margin; every message names the argument.
+void check_scores(const at::Tensor& scores, double margin, const std::optional<at::Tensor>& img_ids);
+void check_embeddings(const at::Tensor& img, const at::Tensor& txt, double margin,
+                      const std::optional<at::Tensor>& img_ids);
 void check_backward(const at::Tensor& grad, int64_t batch, const at::Tensor& row_stat, const at::Tensor& col_stat,
                     const at::Device& device);
 

@@ -154,49 +154,22 @@ __global__ void sparse_grad_kernel(const acc_t* __restrict__ grad, const int64_t
   G[k * batch + k] = static_cast<scalar_t>(static_cast<acc_t>(G[k * batch + k]) - g);
 }
 
-// Sum mode: d loss / d scores on one tile, elementwise; the diagonal takes the forward's active counts.
+// Sum mode: d loss / d scores on one tile, elementwise (Tile::dense_grad).
 template <typename scalar_t, typename acc_t>
 __global__ void dense_grad_kernel(Tile<scalar_t, acc_t> t, const acc_t* __restrict__ grad,
                                   const int64_t* __restrict__ row_count, const int64_t* __restrict__ col_count,
                                   scalar_t* __restrict__ out) {
   const int64_t n = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (n >= t.rows * t.batch) return;
-  const int64_t r = n / t.batch, j = n % t.batch, i = t.row0 + r;
-  const acc_t g = *grad;
-  acc_t v = 0;
-  if (i == j) {
-    v = -g * static_cast<acc_t>(row_count[i] + col_count[i]);
-  } else if (is_negative(t.ids, i, j)) {
-    const acc_t s = t.score(r, j);
-    v = g * static_cast<acc_t>((hinge_cost(t.margin, s, t.positive[i]) > 0) + (hinge_cost(t.margin, s, t.positive[j]) > 0));
-  }
-  out[n] = static_cast<scalar_t>(v);
+  out[n] = static_cast<scalar_t>(t.dense_grad(n / t.batch, n % t.batch, *grad, row_count, col_count));
 }
 
-// Max mode, embedding op backward, for one side. For image k (X = txt; own = row_stat, other = col_stat):
-//   d img_k = g * ([own_k >= 0] (X[own_k] - X[k]) + sum_{j : col_stat[j] = k} X[j] - [other_k >= 0] X[k])
-// and symmetrically for captions. The middle sum runs over a sorted list (stable, so fixed order): each
-// output element is written by one thread and the result is deterministic.
+// Max mode, embedding op backward, for one side (GatherGrad): block x is one output row k, threads its d.
 template <typename scalar_t, typename acc_t>
-__global__ void gather_grad_kernel(const acc_t* __restrict__ grad, const scalar_t* __restrict__ X,
-                                   const int64_t* __restrict__ own, const int64_t* __restrict__ other,
-                                   const int64_t* __restrict__ order, const int64_t* __restrict__ offsets,
-                                   int64_t batch, int64_t dim, scalar_t* __restrict__ out) {
+__global__ void gather_grad_kernel(GatherGrad<scalar_t, acc_t> side, const acc_t* __restrict__ grad,
+                                   scalar_t* __restrict__ out) {
   const int64_t k = blockIdx.x, d = static_cast<int64_t>(blockIdx.y) * blockDim.x + threadIdx.x;
-  if (d >= dim) return;
-  auto x = [&](int64_t row) { return static_cast<acc_t>(X[row * dim + d]); };
-  acc_t v = 0;
-  if (own[k] >= 0) v += x(own[k]) - x(k);
-  for (int64_t p = offsets[k]; p < offsets[k + 1]; ++p) v += x(order[p]);
-  if (other[k] >= 0) v -= x(k);
-  out[k * dim + d] = static_cast<scalar_t>(*grad * v);
-}
-
-// For each k: the indices whose statistic points at k, as (order, offsets) lists (inactive -1 sorts first).
-std::tuple<at::Tensor, at::Tensor> inverse_lists(const at::Tensor& stat) {
-  const auto [sorted, order] = at::sort(stat, /*stable=*/true, /*dim=*/0, /*descending=*/false);
-  const at::Tensor offsets = at::searchsorted(sorted, at::arange(stat.size(0) + 1, stat.options()));
-  return {order, offsets};
+  if (d < side.dim) out[k * side.dim + d] = static_cast<scalar_t>(side(k, d, *grad));
 }
 
 at::Tensor device_grad(const at::Tensor& grad, at::ScalarType acc) {
@@ -207,7 +180,7 @@ at::Tensor device_grad(const at::Tensor& grad, at::ScalarType acc) {
 
 Forward forward_cuda(const at::Tensor& scores_in, double margin, bool max_violation,
                      const std::optional<at::Tensor>& img_ids) {
-  check_scores(scores_in, img_ids);
+  check_scores(scores_in, margin, img_ids);
   const c10::cuda::CUDAGuard guard(scores_in.device());
   const at::Tensor scores = scores_in.contiguous(), ids = contiguous_ids(img_ids);
   const int64_t B = scores.size(0);
@@ -227,7 +200,7 @@ Forward forward_cuda(const at::Tensor& scores_in, double margin, bool max_violat
 at::Tensor backward_cuda(const at::Tensor& grad, const at::Tensor& scores_in, double margin, bool max_violation,
                          const std::optional<at::Tensor>& img_ids, const at::Tensor& row_stat_in,
                          const at::Tensor& col_stat_in) {
-  check_scores(scores_in, img_ids);
+  check_scores(scores_in, margin, img_ids);
   check_backward(grad, scores_in.size(0), row_stat_in, col_stat_in, scores_in.device());
   const c10::cuda::CUDAGuard guard(scores_in.device());
   const at::Tensor scores = scores_in.contiguous(), ids = contiguous_ids(img_ids);
@@ -264,7 +237,7 @@ at::Tensor backward_cuda(const at::Tensor& grad, const at::Tensor& scores_in, do
 
 Forward embeddings_forward_cuda(const at::Tensor& img_in, const at::Tensor& txt_in, double margin,
                                 bool max_violation, const std::optional<at::Tensor>& img_ids) {
-  check_embeddings(img_in, txt_in, img_ids);
+  check_embeddings(img_in, txt_in, margin, img_ids);
   const c10::cuda::CUDAGuard guard(img_in.device());
   const at::Tensor img = img_in.contiguous(), txt = txt_in.contiguous(), ids = contiguous_ids(img_ids);
   const int64_t B = img.size(0), rows = tile_rows(B);
@@ -293,7 +266,7 @@ std::tuple<at::Tensor, at::Tensor> embeddings_backward_cuda(const at::Tensor& gr
                                                             const std::optional<at::Tensor>& img_ids,
                                                             const at::Tensor& row_stat_in,
                                                             const at::Tensor& col_stat_in) {
-  check_embeddings(img_in, txt_in, img_ids);
+  check_embeddings(img_in, txt_in, margin, img_ids);
   check_backward(grad, img_in.size(0), row_stat_in, col_stat_in, img_in.device());
   const c10::cuda::CUDAGuard guard(img_in.device());
   const at::Tensor img = img_in.contiguous(), txt = txt_in.contiguous(), ids = contiguous_ids(img_ids);
@@ -310,15 +283,19 @@ std::tuple<at::Tensor, at::Tensor> embeddings_backward_cuda(const at::Tensor& gr
       const dim3 grid(static_cast<unsigned>(B), blocks_for(D, 128));
       const auto [by_col_stat, col_offsets] = inverse_lists(col_stat);  // columns whose hardest image is k
       const auto [by_row_stat, row_offsets] = inverse_lists(row_stat);  // rows whose hardest caption is k
+      const at::Tensor txt_nonfinite = nonfinite_per_column(txt), img_nonfinite = nonfinite_per_column(img);
+      const int64_t *rows = row_stat.const_data_ptr<int64_t>(), *cols = col_stat.const_data_ptr<int64_t>();
       gather_grad_kernel<scalar_t, acc_t><<<grid, 128, 0, stream>>>(
-          g.const_data_ptr<acc_t>(), txt.const_data_ptr<scalar_t>(), row_stat.const_data_ptr<int64_t>(),
-          col_stat.const_data_ptr<int64_t>(), by_col_stat.const_data_ptr<int64_t>(),
-          col_offsets.const_data_ptr<int64_t>(), B, D, grad_img.mutable_data_ptr<scalar_t>());
+          GatherGrad<scalar_t, acc_t>{txt.const_data_ptr<scalar_t>(), rows, cols, by_col_stat.const_data_ptr<int64_t>(),
+                                      col_offsets.const_data_ptr<int64_t>(), txt_nonfinite.const_data_ptr<int64_t>(),
+                                      D},
+          g.const_data_ptr<acc_t>(), grad_img.mutable_data_ptr<scalar_t>());
       C10_CUDA_KERNEL_LAUNCH_CHECK();
       gather_grad_kernel<scalar_t, acc_t><<<grid, 128, 0, stream>>>(
-          g.const_data_ptr<acc_t>(), img.const_data_ptr<scalar_t>(), col_stat.const_data_ptr<int64_t>(),
-          row_stat.const_data_ptr<int64_t>(), by_row_stat.const_data_ptr<int64_t>(),
-          row_offsets.const_data_ptr<int64_t>(), B, D, grad_txt.mutable_data_ptr<scalar_t>());
+          GatherGrad<scalar_t, acc_t>{img.const_data_ptr<scalar_t>(), cols, rows, by_row_stat.const_data_ptr<int64_t>(),
+                                      row_offsets.const_data_ptr<int64_t>(), img_nonfinite.const_data_ptr<int64_t>(),
+                                      D},
+          g.const_data_ptr<acc_t>(), grad_txt.mutable_data_ptr<scalar_t>());
       C10_CUDA_KERNEL_LAUNCH_CHECK();
       return;
     }

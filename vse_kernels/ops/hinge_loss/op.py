@@ -11,16 +11,22 @@ Devices without a compiled kernel use the plain-PyTorch references (naive.py).
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from ..._checks import check_choice, check_same_device, check_same_dtype, check_tensor
 from ..._extension import has_kernel
-from .naive import hinge_triplet_loss_embeddings_reference, hinge_triplet_loss_reference
+from .naive import hinge_triplet_loss_embeddings_reference, hinge_triplet_loss_reference, reduce_loss
 
 
-def _check_options(margin, reduction):
+def _check_options(margin, max_violation, reduction):
+    if not isinstance(max_violation, bool):  # bool("False") is True: a string would silently pick a mode
+        raise TypeError(f"max_violation must be True or False, got {max_violation!r}")
     if not isinstance(margin, (int, float)) or isinstance(margin, bool):
         raise TypeError(f"margin must be a number, got {type(margin).__name__}")
+    if not math.isfinite(margin):  # every cost would be +-inf or NaN
+        raise ValueError(f"margin must be finite, got {margin}")
     check_choice("reduction", reduction, ("sum", "mean"))
 
 
@@ -44,16 +50,19 @@ def hinge_triplet_loss(scores: torch.Tensor, *, margin: float = 0.2, max_violati
     False: against all negatives (VSE0). Pairs (i, j) with img_ids[i] == img_ids[j] are not negatives.
     reduction: "sum" (the VSE++/AVSE/CVSE convention) or "mean" (divided by B). The gradient at an
     exact hinge boundary (violation == 0) is zero; ties between hardest negatives go to the lowest index.
+    Non-finite scores give the reference's loss and gradient: a NaN cost of a negative pair makes the loss
+    NaN and is an active hinge (in max mode the hardest negative, the lowest NaN index, like torch.max);
+    NaNs of masked pairs change nothing. margin must be finite. An empty batch (B = 0) gives 0.
     """
     check_tensor("scores", scores, ndim=2)
     if scores.size(0) != scores.size(1):
         raise ValueError(f"scores must be square (B, B), got shape {tuple(scores.shape)}")
-    _check_options(margin, reduction)
+    _check_options(margin, max_violation, reduction)
     img_ids = _check_img_ids(img_ids, scores.size(0), scores, "scores")
     if not has_kernel("hinge_triplet_loss_fwd", scores.device.type):
         return hinge_triplet_loss_reference(scores, float(margin), bool(max_violation), img_ids, reduction)
     loss, _, _ = torch.ops.vse_kernels.hinge_triplet_loss_fwd(scores, float(margin), bool(max_violation), img_ids)
-    return loss / scores.size(0) if reduction == "mean" else loss
+    return reduce_loss(loss, scores.size(0), reduction)
 
 
 def hinge_triplet_loss_embeddings(img: torch.Tensor, txt: torch.Tensor, *, margin: float = 0.2,
@@ -72,12 +81,12 @@ def hinge_triplet_loss_embeddings(img: torch.Tensor, txt: torch.Tensor, *, margi
         raise ValueError(f"img and txt must have the same shape (B, D), got {tuple(img.shape)} and {tuple(txt.shape)}")
     check_same_dtype(img=img, txt=txt)
     check_same_device(img=img, txt=txt)
-    _check_options(margin, reduction)
+    _check_options(margin, max_violation, reduction)
     img_ids = _check_img_ids(img_ids, img.size(0), img, "img")
     if not has_kernel("hinge_triplet_loss_emb_fwd", img.device.type):
         return hinge_triplet_loss_embeddings_reference(img, txt, float(margin), bool(max_violation), img_ids, reduction)
     loss, _, _ = torch.ops.vse_kernels.hinge_triplet_loss_emb_fwd(img, txt, float(margin), bool(max_violation), img_ids)
-    return loss / img.size(0) if reduction == "mean" else loss
+    return reduce_loss(loss, img.size(0), reduction)
 
 
 def _register(forward: str, backward: str, num_tensors: int) -> None:

@@ -7,7 +7,7 @@ Schemas (opaque custom ops, so opcheck and torch.compile(fullgraph=True) work on
 Units are (N, units, d). argmax is (Ni, Nt, Q) int32 (the winning image unit of each (a, b, j)) when
 with_argmax, else an empty (0,) tensor, so inference keeps memory at O(Ni*Nt). CUDA float16/bfloat16/
 float32 run the Triton kernels; CPU tensors (and CUDA float64) the blocked PyTorch implementation.
-L2 normalisation is done before the op with F.normalize, so autograd differentiates it.
+L2 normalisation is done before the op (`_normalized`), so autograd differentiates it.
 """
 
 from __future__ import annotations
@@ -77,6 +77,16 @@ def _backward(ctx, grad_scores, _grad_argmax):
 torch.library.register_autograd("vse_kernels::meta_sim_fwd", _backward, setup_context=_setup_context)
 
 
+def _normalized(units: torch.Tensor) -> torch.Tensor:
+    """Units L2-normalised along d, like F.normalize(eps=1e-12). Half precision is normalised in float32 and
+    rounded back: a float16 norm overflows past 65504 (every unit would become 0) and eps underflows to 0
+    (a zero unit would become NaN); the unit vectors themselves are exact enough in the input dtype, which
+    the kernels keep reading."""
+    if units.dtype in (torch.float16, torch.bfloat16):
+        return F.normalize(units.float(), dim=-1, eps=1e-12).to(units.dtype)
+    return F.normalize(units, dim=-1, eps=1e-12)
+
+
 def _check_block_dim(block_dim) -> None:
     if block_dim is None:
         return
@@ -124,16 +134,16 @@ def meta_sim(img: torch.Tensor, txt: torch.Tensor, block_dim: int | None = None,
 
     S[a, b] = sum_j max_i <img_unit[a, i], txt_unit[b, j]>: max over the image's M units, sum over the
     text's Q units. img: (Ni, Di) split into units of block_dim (default 256), or (Ni, M, d) units; txt
-    likewise. normalize=True L2-normalises every unit first (cosine). The result is float32 (float64 for
-    float64 inputs); under CUDA autocast the dot products use the autocast dtype. The gradient of the
-    max goes to one arg-max unit, the lowest index on ties. The (Ni, Nt, M, Q) unit tensor is never
-    built: extra memory is O(Ni*Nt), plus O(Ni*Nt*Q) for the saved arg-max when a gradient is needed.
+    likewise. normalize=True L2-normalises every unit first (cosine; half-precision units in float32, so
+    norms beyond float16's range are fine). The result is float32 (float64 for float64 inputs); under
+    CUDA autocast the dot products use the autocast dtype. The gradient of the max goes to one arg-max
+    unit, the lowest index on ties. The (Ni, Nt, M, Q) unit tensor is never built: extra memory is
+    O(Ni*Nt), plus O(Ni*Nt*Q) for the saved arg-max when a gradient is needed.
     CUDA float16/bfloat16/float32 run fused Triton kernels; CPU tensors a blocked PyTorch implementation.
     """
     img_units, txt_units = prepare_units(img, txt, block_dim)
     if normalize:
-        img_units = F.normalize(img_units, dim=-1, eps=1e-12)
-        txt_units = F.normalize(txt_units, dim=-1, eps=1e-12)
+        img_units, txt_units = _normalized(img_units), _normalized(txt_units)
     if img_units.device.type == "cuda" and torch.is_autocast_enabled("cuda"):
         # Under CUDA AMP the unit dot products run in the autocast dtype, as einsum's would (output stays fp32).
         dtype = torch.get_autocast_dtype("cuda")
@@ -166,7 +176,7 @@ def meta_sim_chunked(img: torch.Tensor, txt: torch.Tensor, block_dim: int | None
 
     def prepared(units):
         units = units.to(device, non_blocking=True)
-        return F.normalize(units, dim=-1, eps=1e-12) if normalize else units
+        return _normalized(units) if normalize else units
 
     for t0 in range(0, shape[1], cols):
         txt_chunk = prepared(txt_units[t0:t0 + cols])
