@@ -10,8 +10,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from vse_models.avse_parts import (GroupEncoder, aeom_reference, grid_coordinates, log_sinkhorn, rbs_fixed_centres,
-                                   rbs_indices, rbs_num_kept, view_regularizer)
+from vse_models.avse_parts import (GroupEncoder, RBSEncoder, aeom_reference, grid_coordinates, log_sinkhorn,
+                                   rbs_fixed_centres, rbs_indices, rbs_num_kept, view_regularizer)
 from vse_models.data.precomp import Batch
 from vse_models.layers import GPO, l2norm
 from vse_models.models import DataInfo, build_model
@@ -74,6 +74,7 @@ CASES = {
     "regions-sinkhorn": ({"sinkhorn": True, "sinkhorn_iters": 5}, {}),
     "grids": ({"features": "grids"}, {"grid": 4}),
     "grids-cls-stochastic": ({"features": "grids", "rbs_mode": "stochastic"}, {"grid": 4, "cls": True}),
+    "grids-cls-grid-mlp": ({"features": "grids", "grid_mlp": True}, {"grid": 4, "cls": True}),
 }
 
 
@@ -139,10 +140,116 @@ def test_reference_backend_imports_no_vse_kernels():
 
 
 # ------------------------------------------------------------------------------ radial bias sampling
-def test_rbs_counts():
-    assert rbs_num_kept(36, 0.8) == 28 and rbs_num_kept(36, 0.9) == 32  # int(r * 37) - 1
-    assert rbs_num_kept(196, 0.8) == 156 and rbs_num_kept(196, 0.9) == 176
-    assert rbs_num_kept(4, 0.1) == 1 and rbs_num_kept(4, 1.0) == 4
+RBS_RATIOS = (0.5, 0.7, 0.8, 0.9)
+
+
+def _release_rbs(tokens, keep_ratio, centres=None, n_group=2, alpha=4.0):
+    """The released radial bias sampling, re-written in plain torch as an oracle (liuyyy111/AVSE
+    lib/encoders.py: VisionTransEncoder.forward_vit's count, new_n = int(tokens * r) with the CLS slot
+    counted, then radial_bias_sampling_groups: token 0 is CLS, centres torch.randint(0, N, (B, V)),
+    probabilities exp(-alpha * dist) normalised, topk(new_n, sorted=False), CLS prepended).
+    tokens (B, 1 + N, d) -> (views [(B, 1 + new_n, d)] * V, patch indices (B, V, new_n))."""
+    cls, patches = tokens[:, :1], tokens[:, 1:]
+    b, n, d = patches.shape
+    side = int(n ** 0.5)
+    new_n = int(tokens.shape[1] * keep_ratio)
+    gy, gx = torch.meshgrid(torch.arange(side), torch.arange(side), indexing="ij")
+    coords = torch.stack([gy, gx], dim=-1).reshape(n, 2).float()
+    if centres is None:
+        centres = torch.randint(0, n, (b, n_group))
+    dists = torch.norm(coords[None, None] - coords[centres][:, :, None], dim=-1)
+    probs = torch.exp(-alpha * dists)
+    probs = probs / probs.sum(dim=-1, keepdim=True)
+    idx = probs.reshape(-1, n).topk(new_n, dim=-1, largest=True, sorted=False).indices.view(b, -1, new_n)
+    sampled = patches[:, None].expand(b, idx.size(1), n, d).gather(2, idx[..., None].expand(-1, -1, -1, d))
+    return [torch.cat([cls, sampled[:, v]], dim=1) for v in range(idx.size(1))], idx
+
+
+def test_rbs_counts_are_the_releases():
+    # int(r * (1 + N)) patches (the CLS slot counted), + CLS: N = 196 keeps 157 / 177 (not 156 / 176)
+    for n, expect in ((36, (18, 25, 29, 33)), (196, (98, 137, 157, 177))):
+        assert tuple(rbs_num_kept(n, r) for r in RBS_RATIOS) == expect
+        for r in RBS_RATIOS:
+            _, idx = _release_rbs(torch.zeros(1, 1 + n, 1), r)
+            assert idx.shape[-1] == rbs_num_kept(n, r)
+            assert rbs_indices(torch.zeros(1, 1, dtype=torch.long), int(n ** 0.5), r, has_cls=True).shape[-1] == \
+                rbs_num_kept(n, r) + 1
+    assert rbs_num_kept(196, 0.57) == int(0.57 * 197) == 112  # Python's truncating int(), as the release
+    assert rbs_num_kept(4, 0.1) == 1 and rbs_num_kept(4, 1.0) == 4  # clamped to [1, N]
+
+
+@pytest.mark.parametrize("s", [6, 14])
+@pytest.mark.parametrize("r", RBS_RATIOS)
+def test_rbs_keeps_the_releases_patches(s, r):
+    n = s * s
+    centres = torch.arange(n)[:, None]  # every centre once
+    ours = rbs_indices(centres, s, r, has_cls=True)
+    assert (ours[..., 0] == 0).all()  # CLS first, always kept
+    ours = ours[..., 1:] - 1
+    _, release = _release_rbs(torch.zeros(n, 1 + n, 1), r, centres)
+    assert ours.shape == release.shape
+    coords = grid_coordinates(s)
+    agree = 0
+    for c in range(n):
+        d = (coords - coords[c]).norm(dim=1)
+        mine, theirs = set(ours[c, 0].tolist()), set(release[c, 0].tolist())
+        assert len(mine) == ours.size(-1)
+        cut = d[release[c, 0]].max()
+        # the same patches strictly inside the cut radius, none beyond it, as many on it: only which of
+        # the equidistant patches on the cut are kept may differ (ours: lower index; the release: topk's)
+        assert {p for p in mine if d[p] < cut} == {p for p in theirs if d[p] < cut}
+        assert d[ours[c, 0]].max() == cut
+        agree += mine == theirs
+        if not bool((d == cut).sum() > sum(1 for p in theirs if d[p] == cut)):
+            assert mine == theirs  # no tie at the cut: exactly the release's set
+    assert agree > 0
+
+
+def test_rbs_views_equal_the_releases_encoder():
+    """Training-mode views equal the release's fc -> GPO -> l2norm of its sampled tokens (lib/encoders.py
+    EncoderImageAggr, without its size augmentation) on the same tokens and weights: the centres are the
+    same torch.randint draw; compared wherever both keep the same patches (no tie at the cut)."""
+    s, b = 6, 16
+    torch.manual_seed(0)
+    enc = RBSEncoder(8, 16, s, has_cls=True, keep_train=0.8).train()
+    assert enc.proj.mlp is None  # the release's grid encoder: fc alone
+    tokens = torch.randn(b, 1 + s * s, 8)
+    for seed in range(3):
+        torch.manual_seed(seed)
+        views, release_idx = _release_rbs(tokens, 0.8)
+        torch.manual_seed(seed)
+        ours_idx = enc.view_indices(b, None, "cpu")[..., 1:] - 1
+        torch.manual_seed(seed)
+        with torch.no_grad():
+            ours = enc(tokens)
+            lengths = torch.full((b,), views[0].size(1))
+            release = torch.stack([l2norm(enc.pool(enc.proj.fc(v), lengths)[0]) for v in views], 1)
+        same = torch.tensor([[set(ours_idx[i, v].tolist()) == set(release_idx[i, v].tolist()) for v in range(2)]
+                             for i in range(b)])
+        assert same.any()
+        torch.testing.assert_close(ours[same], release[same], rtol=1e-5, atol=1e-6)
+
+
+def test_grid_encoder_is_fc_gpo_and_grid_mlp_adds_the_residual_mlp():
+    info = _info(grid=4, cls=True)
+    plain = build_model("avse", {**SMALL, "features": "grids"}, info)
+    assert plain.img_enc.proj.mlp is None and plain.options["grid_mlp"] is False
+    assert not any(isinstance(m, torch.nn.BatchNorm1d) for m in plain.img_enc.modules())
+    mlp = build_model("avse", {**SMALL, "features": "grids", "grid_mlp": True}, info)
+    assert mlp.img_enc.proj.mlp is not None
+    # the region setting keeps VSE∞'s fc + residual MLP (residual_mlp, unchanged)
+    assert build_model("avse", SMALL, _info()).img_enc.proj.mlp is not None
+    # evaluation views by hand: fc -> GPO -> l2norm over the chosen tokens
+    batch = _batch(b=3, grid=4, cls=True, dup=False)
+    plain.eval()
+    with torch.no_grad():
+        views = plain.image_views(batch)
+        idx = plain.img_enc.view_indices(3, batch.img_ids, "cpu")
+        x = plain.img_enc.proj.fc(batch.images)
+        for v in range(2):
+            sel = x.gather(1, idx[:, v, :, None].expand(-1, -1, x.size(-1)))
+            manual = l2norm(plain.img_enc.pool(sel, torch.full((3,), sel.size(1)))[0])
+            torch.testing.assert_close(views[:, v], manual, rtol=1e-5, atol=1e-6)
 
 
 def test_rbs_nearest_patches_and_cls():
@@ -161,9 +268,9 @@ def test_rbs_nearest_patches_and_cls():
             # every kept patch is at least as near as every dropped one (ties broken by index)
             dropped = torch.tensor(sorted(set(range(s * s)) - set(chosen.tolist())))
             assert d[chosen].max() <= d[dropped].min()
-    # corner centre (0, 0) drops the 8 farthest patches: (5,5), (4,5), (5,4), (3,5), (5,3), (4,4), ...
+    # corner centre (0, 0) keeps 29 and drops the 7 farthest patches: (5,5), (4,5), (5,4), (3,5), (5,3), (4,4), ...
     far = set(range(36)) - set(idx[0, 0].tolist())
-    assert {35, 29, 34} <= far and 0 not in far
+    assert len(far) == 7 and {35, 29, 34} <= far and 0 not in far
     with_cls = rbs_indices(centres, s, 0.8, has_cls=True)
     assert with_cls.shape == (2, 2, n + 1)
     assert (with_cls[..., 0] == 0).all() and ((with_cls[..., 1:] - 1) == idx).all()  # CLS kept, patches shift
@@ -179,6 +286,13 @@ def test_rbs_stochastic_variant():
     d = (grid_coordinates(6) - grid_coordinates(6)[14]).norm(dim=1)
     assert counts[d <= 1].mean() > counts[d >= 4].mean()  # biased towards the centre
     assert not (idx == idx[:1]).all()  # random
+    # exactly Gumbel top-k of log p = -alpha * dist in patch units (the release's demo, ddd.py:
+    # multinomial(exp(-alpha * dist)) without replacement has this distribution)
+    g = torch.Generator().manual_seed(3)
+    got = rbs_indices(centres[:5], 6, 0.5, mode="stochastic", alpha=4.0, generator=g)
+    u = torch.rand(5, 1, 36, generator=torch.Generator().manual_seed(3)).clamp_(1e-20, 1.0)
+    expect = (-4.0 * d - torch.log(-torch.log(u))).topk(n, dim=-1).indices
+    assert torch.equal(got, expect)
 
 
 def test_rbs_deterministic_at_evaluation_and_random_in_training():

@@ -60,3 +60,13 @@ def test_build_for_another_torch_is_not_loaded(tmp_path, monkeypatch):
     assert f"built for torch 1.0.0, but torch {torch.__version__} is running" in problem
     monkeypatch.setattr(_extension, "_BUILD_INFO_PATH", tmp_path / "missing.json")
     assert "was not built" in _extension._load()[2]
+
+
+def test_import_is_light_and_compile_still_treats_has_kernel_as_constant():
+    # `import vse_kernels` must cost little beyond `import torch`: torch._dynamo (~3 s) and triton load
+    # only when used. has_kernel carries the mark torch.compiler.assume_constant_result would give it.
+    code = "import sys, vse_kernels\nprint(sorted(m for m in ('torch._dynamo', 'triton') if m in sys.modules))\n"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
+    marked = torch.compiler.assume_constant_result(lambda: None)
+    assert vars(marked) and all(getattr(_extension.has_kernel, k) == v for k, v in vars(marked).items())

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import subprocess
 import sys
 import textwrap
@@ -18,8 +19,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from vse_models.cvse_parts import (Fusion, SelfAttentionBlock, caption_labels, concept_adjacency, cooccurrence,
-                                   loss_weights, select_concepts, word_to_concept_map)
+from vse_models.cvse_parts import (AttentionPool, Fusion, InstancePool, SelfAttentionBlock, caption_labels,
+                                   concept_adjacency, cooccurrence, loss_weights, select_concepts, slot_batch_norm,
+                                   word_to_concept_map)
 from vse_models.data import Vocabulary, pad_tokens
 from vse_models.data.precomp import Batch
 from vse_models.models import DataInfo, slice_embeddings
@@ -81,6 +83,32 @@ def test_unseen_concepts_keep_only_their_self_loop():
     adj = concept_adjacency(*cooccurrence([[0, 1]], 3)).numpy()
     assert adj[2, 2] == pytest.approx(1.0) and adj[2, :2].sum() == 0 and adj[:2, 2].sum() == 0
     assert np.isfinite(adj).all()
+
+
+def test_a_concept_that_never_occurs_keeps_the_graph_and_the_model_finite():
+    # counts 0 (P = C / count would be 0/0, NaN in CVSE's gen_A_concept): only the self-loop, no NaN,
+    # whatever the counts' dtype (integer counts from a user's own co-occurrence file)
+    cooc, counts = cooccurrence([[0, 1], [1], [0, 1]], 4)
+    assert counts.tolist() == [2, 3, 0, 0]
+    for c, n in ((cooc, counts), (cooc.astype(np.int64), counts.astype(np.int64))):
+        adj = concept_adjacency(c, n).numpy()
+        assert np.isfinite(adj).all() and adj[2, 2] == pytest.approx(1) and adj[3, 3] == pytest.approx(1)
+        assert adj[2].sum() == pytest.approx(1) and adj[:, 3].sum() == pytest.approx(1)
+    # q = 40 > the 17 content words of the captions: 23 concepts never occur in training
+    split = _split()
+    for backend in ("kernels", "reference"):
+        m = _model(split, backend=backend, num_concepts=40)
+        assert len(m.concept_words) < 40 and torch.isfinite(m.adjacency).all()
+        assert torch.isfinite(m.concept_embeddings()).all()
+        m.train()
+        loss, _ = m.loss(_batch(split, [0, 3, 6, 9]), 1)
+        loss.backward()
+        assert torch.isfinite(loss)
+        assert all(torch.isfinite(p.grad).all() for p in m.parameters() if p.grad is not None)
+        m.eval()
+        with torch.no_grad():
+            img, txt = m.encode_images(_batch(split, [0, 3])), m.encode_texts(_batch(split, [0, 1, 2]))
+            assert all(torch.isfinite(x).all() for x in (*img, *txt)) and torch.isfinite(m.similarity(img, txt)).all()
 
 
 def test_concepts_labels_and_prepare_are_deterministic():
@@ -160,7 +188,7 @@ def _close(a, b, what):
 
 # CVSE's instance level, and the ablation options of ours (dropped regions are padding: masked attention keys,
 # kept out of region_mlp's BatchNorm), the self-attention's residual forms and sides
-INSTANCE_OPTIONS = [{}, {"region_drop": 0.3}, {"pooling": "gpo"},
+INSTANCE_OPTIONS = [{}, {"region_drop": 0.3}, {"pooling": "gpo"}, {"self_attention": False, "pool_dropout": 0.0},
                     {"region_drop": 0.3, "region_mlp": True, "pooling": "gpo"},
                     {"attention_residual": "pre_norm", "self_attention": "image"},
                     {"attention_residual": "rezero", "self_attention": "text", "kl_reduction": "batchmean"}]
@@ -239,6 +267,167 @@ def test_reference_path_imports_no_vse_kernels():
     assert r.returncode == 0 and r.stdout.strip().endswith("ok"), r.stderr[-2000:]
 
 
+# --------------------------------------------------------------------------- CVSE's attention pooling
+def _cvse_visual_pool(pool, v, training, p=0.4):
+    """CVSE's V_single_modal_atten (model_CVSE.py, use_BatchNorm=True, tanh), re-written in plain torch as an
+    oracle on the same weights: v (B, 36, D) L2-normalised regions, guided by their (unnormalised) mean
+    (EncoderImagePrecomp's features_mean); embedding_1 = fc1 -> BatchNorm1d(36) -> Tanh -> Dropout,
+    embedding_2 = fc2 -> BatchNorm1d(D) -> Tanh -> Dropout, fc3, Softmax(dim=1), l2norm of the weighted sum.
+    The BatchNorms run on copies of the pool's running statistics (returned for comparison)."""
+    stats = [t.clone() for t in (pool.bn1.running_mean, pool.bn1.running_var, pool.bn2.running_mean,
+                                 pool.bn2.running_var)]
+    w_v = F.dropout(torch.tanh(F.batch_norm(pool.fc1(v), stats[0], stats[1], pool.bn1.weight, pool.bn1.bias,
+                                            training)), p, training)
+    w_m = F.dropout(torch.tanh(F.batch_norm(pool.fc2(v.mean(1)), stats[2], stats[3], pool.bn2.weight, pool.bn2.bias,
+                                            training)), p, training)
+    weights = torch.softmax(pool.fc3(w_v * w_m[:, None]).squeeze(2), dim=1)
+    return F.normalize((weights[..., None] * v).sum(1), dim=-1), stats
+
+
+def _cvse_textual_pool(pool, u, training, p=0.4):
+    """CVSE's T_single_modal_atten (no BatchNorm whatever use_BatchNorm says): u (B, L, D) L2-normalised
+    words, zero past each length, guided by EncoderText's l2norm(torch.mean(cap_emb, 1)) (the padding
+    counted in the mean, the softmax over every position: no mask)."""
+    w_u = F.dropout(torch.tanh(pool.fc1(u)), p, training)
+    w_m = F.dropout(torch.tanh(pool.fc2(F.normalize(u.mean(1), dim=-1))), p, training)
+    weights = torch.softmax(pool.fc3(w_u * w_m[:, None]).squeeze(2), dim=1)
+    return F.normalize((weights[..., None] * u).sum(1), dim=-1)
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_attention_pooling_equals_cvses(training):
+    torch.manual_seed(0)
+    b, k, d = 16, 36, 24
+    img, txt = InstancePool("attention", d, "image", k), InstancePool("attention", d, "text")
+    assert isinstance(img.pool.bn1, torch.nn.BatchNorm1d) and img.pool.bn1.num_features == 36  # over region slots
+    assert img.pool.bn2.num_features == d and txt.pool.bn1 is None and txt.pool.bn2 is None
+    assert img.pool.dropout.p == 0.4 and (img.pool.fc1.out_features, img.pool.fc3.out_features) == (d, 1)
+    with torch.no_grad():  # BatchNorm affine parameters away from (1, 0), running statistics away from (0, 1)
+        for bn in (img.pool.bn1, img.pool.bn2):
+            bn.weight.uniform_(0.5, 1.5), bn.bias.uniform_(-0.5, 0.5)
+            bn.running_mean.uniform_(-0.1, 0.1), bn.running_var.uniform_(0.5, 2)
+    img.train(training), txt.train(training)
+    regions = torch.randn(b, k, d)
+    v = F.normalize(regions, dim=-1)
+    torch.manual_seed(5)
+    expect, stats = _cvse_visual_pool(img.pool, v, training)
+    torch.manual_seed(5)   # the same dropout masks: the same draws in the same order
+    got = img(regions, torch.full((b,), k), None)
+    torch.testing.assert_close(got, expect, rtol=1e-5, atol=1e-6)
+    for ours, theirs in zip((img.pool.bn1.running_mean, img.pool.bn1.running_var, img.pool.bn2.running_mean,
+                             img.pool.bn2.running_var), stats):
+        torch.testing.assert_close(ours, theirs)
+    # words: zero padding past each length; CVSE's unmasked mean and softmax give the masked result
+    lengths = torch.tensor([7, 3, 1, 5] * 4)
+    pad = torch.arange(7)[None] >= lengths[:, None]
+    words = torch.randn(b, 7, d).masked_fill(pad[..., None], 0)
+    torch.manual_seed(6)
+    expect = _cvse_textual_pool(txt.pool, F.normalize(words, dim=-1), training)
+    torch.manual_seed(6)
+    torch.testing.assert_close(txt(words, lengths, pad), expect, rtol=1e-5, atol=1e-6)
+    # masked: the padding's content never matters (after self-attention it is not zero)
+    if not training:
+        noisy = words + pad[..., None] * torch.randn_like(words)
+        torch.testing.assert_close(txt(noisy, lengths, pad), expect, rtol=1e-5, atol=1e-6)
+
+
+def test_slot_batch_norm_masks_padding_and_needs_the_set_size():
+    torch.manual_seed(0)
+    bn = torch.nn.BatchNorm1d(5).train()
+    with torch.no_grad():
+        bn.weight.uniform_(0.5, 1.5), bn.bias.uniform_(-1, 1)
+    x = torch.randn(6, 5, 3, dtype=torch.float64)
+    bn = bn.double()
+    full = torch.nn.BatchNorm1d(5).double().train()
+    full.load_state_dict(bn.state_dict())
+    torch.testing.assert_close(slot_batch_norm(bn, x, torch.ones(6, 5, dtype=torch.bool)), full(x))  # CVSE's
+    lengths = torch.tensor([5, 3, 2, 5, 1, 3])
+    valid = torch.arange(5)[None] < lengths[:, None]
+    valid_before = bn.running_mean.clone(), bn.running_var.clone()
+    out = slot_batch_norm(bn, x, valid)
+    for k in range(5):
+        vals = x[valid[:, k], k]                         # (n_k, 3): the slot's valid entries only
+        mean, var = vals.mean(), vals.var(unbiased=False)
+        expect = (x[valid[:, k], k] - mean) / torch.sqrt(var + bn.eps) * bn.weight[k] + bn.bias[k]
+        torch.testing.assert_close(out[valid[:, k], k], expect)
+        torch.testing.assert_close(bn.running_mean[k], 0.9 * valid_before[0][k] + 0.1 * mean)
+        torch.testing.assert_close(bn.running_var[k], 0.9 * valid_before[1][k] + 0.1 * vals.var(unbiased=True))
+    # a slot that is padding in the whole batch keeps its running statistics
+    before = bn.running_mean.clone()
+    slot_batch_norm(bn, x, torch.arange(5)[None].expand(6, 5) < 4)
+    assert bn.running_mean[4] == before[4] and bn.running_mean[0] != before[0]
+    with pytest.raises(ValueError, match="5 set slots"):
+        slot_batch_norm(bn, x[:, :4], None)
+
+
+def _slot_bn_case():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(8, 5, 3, generator=g)
+    valid = torch.ones(8, 5, dtype=torch.bool)
+    valid[4:] = torch.arange(5)[None] < torch.tensor([3, 5, 1, 2])[:, None]  # padding in the second half only
+    bn = torch.nn.BatchNorm1d(5).train()
+    with torch.no_grad():
+        bn.weight.uniform_(0.5, 1.5, generator=g), bn.bias.uniform_(-1, 1, generator=g)
+    return x, valid, bn, torch.randn(8, 5, 3, generator=g)
+
+
+def _slot_bn_worker(rank, world_size, port, result_path):
+    from vse_models import distributed
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world_size))
+    ctx = distributed.setup(torch.device("cpu"))
+    try:
+        x, valid, bn, w = _slot_bn_case()
+        distributed.convert_batchnorm(wrapper := torch.nn.Sequential(bn))
+        bn = wrapper[0]
+        half = slice(4 * rank, 4 * rank + 4)    # rank 0: no padding (GlobalBatchNorm1d itself), rank 1: the masked path
+        xs = x[half].clone().requires_grad_()
+        out = slot_batch_norm(bn, xs, valid[half])
+        (out * w[half]).sum().backward()
+        torch.save({"out": out.detach(), "x_grad": xs.grad, "w_grad": bn.weight.grad, "mean": bn.running_mean,
+                    "var": bn.running_var}, f"{result_path}.{rank}")
+    finally:
+        distributed.teardown(ctx)
+
+
+def test_slot_batch_norm_under_torchrun_equals_one_process(tmp_path):
+    import socket
+
+    import torch.multiprocessing as mp
+
+    x, valid, bn, w = _slot_bn_case()
+    xs = x.clone().requires_grad_()
+    out = slot_batch_norm(bn, xs, valid)
+    (out * w).sum().backward()
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    mp.spawn(_slot_bn_worker, args=(2, port, str(tmp_path / "r")), nprocs=2)
+    parts = [torch.load(tmp_path / f"r.{r}") for r in range(2)]
+    torch.testing.assert_close(torch.cat([p["out"] for p in parts]), out.detach())
+    torch.testing.assert_close(torch.cat([p["x_grad"] for p in parts]), xs.grad)
+    torch.testing.assert_close(parts[0]["w_grad"] + parts[1]["w_grad"], bn.weight.grad)   # each rank's share
+    for p in parts:
+        torch.testing.assert_close(p["mean"], bn.running_mean)
+    # rank 1 (the masked path) also keeps the running variance; rank 0's GlobalBatchNorm1d applies slot 0's
+    # count to every slot's unbiased factor n / (n - 1) (its own inputs have equal counts), a ~1% difference
+    torch.testing.assert_close(parts[1]["var"], bn.running_var)
+    torch.testing.assert_close(parts[0]["var"], bn.running_var, rtol=0.02, atol=0)
+
+
+def test_mh_cvse_pooling_defaults_follow_cvse():
+    split = _split()
+    m = _model(split)   # set_size 6 here: BatchNorm1d(6) over the region slots (36 on BUTD features)
+    assert m.img_pool.pool.bn1.num_features == 6 and m.txt_pool.pool.bn1 is None
+    assert m.img_pool.pool.dropout.p == m.txt_pool.pool.dropout.p == 0.4   # text_dropout's, CVSE's dropout_rate
+    assert _model(split, text_dropout=0.1).img_pool.pool.dropout.p == 0.1
+    assert _model(split, pool_dropout=0.0).txt_pool.pool.dropout.p == 0.0
+    with pytest.raises(ValueError, match="side must be"):
+        AttentionPool(8, 8, "audio", 6)
+    with pytest.raises(ValueError, match="set size"):
+        AttentionPool(8, 8, "image")
+
+
 # ----------------------------------------------------------------------------------- loss, scores
 def test_dynamic_loss_weights_hand_computed():
     losses = torch.tensor([1.0, 3.0], requires_grad=True)
@@ -303,11 +492,12 @@ def test_each_fusion_mode_learns():
         assert loss.item() < first, fusion
     with pytest.raises(ValueError, match="fusion"):
         _model(split, fusion="sum")
-    with pytest.raises(ValueError, match="pooling must be one of"):
+    with pytest.raises(ValueError, match="pooling .*must be one of"):
         _model(split, pooling="max")
     for option, value in (("train_text_labels", "both"), ("kl_reduction", "mean"), ("lr_schedule", "linear"),
-                          ("attention_residual", "sandwich"), ("self_attention", "both")):
-        with pytest.raises(ValueError, match=f"{option} must be"):
+                          ("attention_residual", "sandwich"), ("self_attention", "both"),
+                          ("pool_dropout", "0.4")):
+        with pytest.raises(ValueError, match=f"{option}( of model 'mh-cvse')? must be"):
             _model(split, **{option: value})
 
 
@@ -436,7 +626,8 @@ def test_evaluation_applies_the_label_completion_option():
                                                        m.complete_text_labels(slice_embeddings(txt, 6 * f, 6 * f + 6))), 3))
                 for f in range(5)]
     folds = evaluate_split(m, EvalSplit(), batch_size=4, fold5=True)["fold5"]
-    assert folds == pytest.approx({key: float(np.mean([p[key] for p in per_fold])) for key in folds})
+    # abs 1e-4: evaluation rounds its metrics to 4 decimals
+    assert folds == pytest.approx({key: float(np.mean([p[key] for p in per_fold])) for key in folds}, abs=1e-4)
     m.options["label_completion_k"] = 0
     assert evaluate_split(m, EvalSplit(), batch_size=4) == plain
 

@@ -4,6 +4,7 @@ is wrong and where."""
 
 import json
 import os
+import re
 import shutil
 
 import numpy as np
@@ -73,7 +74,7 @@ def test_non_finite_training_features_stop_the_run_naming_file_image_epoch_and_s
     assert train_main(["--data", str(data), "--epochs", "2", "--out", str(out), *TINY]) == 2
     err = _error(capsys)
     assert "epoch 1, step " in err and "train_ims.npy" in err and "image(s) 17 (1 values)" in err
-    assert not (out / "best").exists() and not (out / "last").exists()
+    assert not out.exists()  # failed before its first checkpoint: nothing left behind
 
 
 def test_non_finite_dev_features_stop_evaluation(cache, tmp_path, capsys):
@@ -207,7 +208,7 @@ def test_overwrite_replaces_the_run_and_keeps_everything_else(run, capsys):
     assert train_main(["--epochs", "1", "--out", str(run), "--overwrite", *TINY]) == 0
     assert "kept 1 file(s)" in capsys.readouterr().out
     assert (run / "notes.txt").read_text() == "mine"
-    assert json.loads((run / "metrics.json").read_text())["best_epoch"] == 0
+    assert json.loads((run / "metrics.json").read_text())["best_epoch"] == 1
     assert train_main(["--epochs", "1", "--out", str(run), "--overwrite", "--resume", *TINY]) == 2
     assert "pass one of them" in _error(capsys)
 
@@ -259,3 +260,21 @@ def test_config_file_values_are_checked_like_options(cache, tmp_path, capsys):
     without_batch_size = [a for i, a in enumerate(TINY) if "--batch-size" not in TINY[max(0, i - 1):i + 1]]
     assert train_main(["--config", str(cfg), "--out", str(tmp_path / "run"), *without_batch_size]) == 2
     assert "--batch-size must be an integer >= 1, got '64'" in _error(capsys)
+
+
+@pytest.mark.parametrize("model, option, value, message", [
+    ("mh-cvse", "fusion", "adap_summ", "must be one of ['weight_sum', 'adap_sum', 'concat']"),
+    ("mh-cvse", "pooling", "mean", "must be one of ['attention', 'gpo']"),
+    ("mh-cvse", "self_attention", "False", "must be one of [True, False, 'image', 'text']"),
+    ("mh-cvse", "dynamic_loss_weights", 0, "must be true or false"),
+    ("mh-cvse", "loss_weights", "3,5,1,2", "must be a list"),
+    ("avse", "reg_form", "Paper", "must be one of ['paper', 'code']"),
+    ("avse", "meta_dim", "256", "must be a int (or null: unset)"),
+    ("avse", "group_keep", True, "must be a finite number"),
+])
+def test_mistyped_model_options_are_refused(model, option, value, message):
+    from vse_models.models import get_model_class
+
+    with pytest.raises(ValueError, match=re.escape(f"option {option} of model '{model}' {message}, got {value!r}")):
+        get_model_class(model).resolve_options({option: value})
+    get_model_class(model).resolve_options({option: get_model_class(model).default_options[option]})

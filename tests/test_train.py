@@ -124,7 +124,7 @@ def test_one_epoch_cli_run_and_vse_eval(cache, tmp_path, capsys):
                  "rsum.png", "best/model.safetensors", "best/config.json", "last/train_state.pt"):
         assert (out / name).is_file(), name
     metrics = json.loads((out / "metrics.json").read_text())
-    assert set(metrics["test"]) == set(METRIC_KEYS) and metrics["best_epoch"] == 0
+    assert set(metrics["test"]) == set(METRIC_KEYS) and metrics["best_epoch"] == 1  # epochs count from 1
     lines = (out / "metrics.jsonl").read_text().splitlines()
     assert len(lines) == 1 and "dev_rsum" in json.loads(lines[0])
     assert "| test |" in capsys.readouterr().out
@@ -178,7 +178,7 @@ def test_killed_and_resumed_run_equals_uninterrupted(cache, tmp_path):
     # 10 steps per epoch: killed (SIGKILL) in the middle of the second epoch, after one checkpoint.
     killed = _run([*common, "--out", str(tmp_path / "re")], {**env, KILL_ENV: "15"}, tmp_path)
     assert killed.returncode == -9, killed.stderr
-    assert json.loads((tmp_path / "re" / "last" / "meta.json").read_text())["epoch"] == 0
+    assert json.loads((tmp_path / "re" / "last" / "meta.json").read_text())["epochs_done"] == 1
     resumed = _run([*common, "--out", str(tmp_path / "re"), "--resume"], env, tmp_path)
     assert resumed.returncode == 0, resumed.stderr
     assert "resuming" in resumed.stdout

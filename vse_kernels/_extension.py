@@ -40,10 +40,15 @@ if PROBLEM is not None and os.environ.get("VSE_KERNELS_DISABLE_EXT") != "1":
                   RuntimeWarning, stacklevel=2)
 
 
-@torch.compiler.assume_constant_result  # a dispatcher query dynamo cannot trace; fixed after import
 def has_kernel(op: str, device_type: str) -> bool:
     """Whether the compiled library registered `vse_kernels::<op>` for this device type ("cpu", "cuda")."""
     if C is None:
         return False
     key = {"cpu": "CPU", "cuda": "CUDA"}.get(device_type)
     return key is not None and torch._C._dispatch_has_kernel_for_dispatch_key(f"vse_kernels::{op}", key)
+
+
+# A dispatcher query dynamo cannot trace, fixed after import: torch.compile treats its result as a constant.
+# This is what torch.compiler.assume_constant_result does, without importing torch._dynamo (~3 s) at
+# `import vse_kernels`; tests/test_build.py checks that torch.compile still sees the mark.
+has_kernel._dynamo_marked_constant = True

@@ -20,11 +20,9 @@ from torch import nn
 from .layers import GPO, RegionEncoder, l2norm, padding_mask, project_set
 
 
-def _floor_ratio(ratio: float, n: torch.Tensor | int):
+def _floor_ratio(ratio: float, n: torch.Tensor) -> torch.Tensor:
     # floor(ratio * n) robust to 0.8 * 5 = 3.9999999 in floating point.
-    if isinstance(n, torch.Tensor):
-        return torch.floor(n.double() * ratio + 1e-6).long()
-    return int(math.floor(ratio * n + 1e-6))
+    return torch.floor(n.double() * ratio + 1e-6).long()
 
 
 def pool_views(pool: GPO, feats: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
@@ -81,9 +79,13 @@ class GroupEncoder(nn.Module):
 
 # ------------------------------------------------------------------------------ radial bias sampling
 def rbs_num_kept(n_patches: int, keep_ratio: float) -> int:
-    """Patches kept per view: the released code keeps int(r * (1 + N)) tokens counting the CLS slot,
-    i.e. int(r * (1 + N)) - 1 patches (+ the CLS token when the grid has one). Clamped to [1, N]."""
-    return max(1, min(n_patches, _floor_ratio(keep_ratio, 1 + n_patches) - 1))
+    """Patches kept per view, as the release computes it (liuyyy111/AVSE lib/encoders.py,
+    VisionTransEncoder.forward_vit): `new_n = int(r * (1 + N))` with 1 + N the token count *including*
+    the CLS slot, Python's truncating int() of the float product, and then the CLS token on top
+    (N = 196: 157 patches in training, 177 at evaluation). [ours] a grid without CLS keeps the same
+    int(r * (1 + N)) patches (the release has no such path: it always takes token 0 as CLS), and the
+    count is clamped to [1, N] (the release's topk fails above N and keeps only CLS at 0)."""
+    return max(1, min(n_patches, int(keep_ratio * (1 + n_patches))))
 
 
 def grid_coordinates(grid_size: int, device=None) -> torch.Tensor:
@@ -118,9 +120,11 @@ def rbs_indices(centres: torch.Tensor, grid_size: int, keep_ratio: float, has_cl
     """Token indices of each view: centres (B, V) -> (B, V, n) long, n = rbs_num_kept(N, r) + has_cls.
 
     Tokens are [CLS] + patches when has_cls (CLS = index 0, always kept, first), else the patches.
-    mode "nearest" [code]: the n patches nearest the centre (Euclidean on grid coordinates; ties by
-    patch index). mode "stochastic" [code, demo]: n patches sampled without replacement with
-    probability ∝ exp(-alpha * dist / s) (Gumbel top-k; [ours] distance in units of the grid side)."""
+    mode "nearest" [code] (lib/encoders.py radial_bias_sampling_groups: topk of exp(-4·dist)): the n
+    patches nearest the centre, Euclidean on (row, col) patch coordinates; [ours] ties at the cut go to
+    the lower patch index (the release leaves them to topk). mode "stochastic" [code, demo] (ddd.py:
+    multinomial without replacement): n patches drawn with probability ∝ exp(-alpha · dist), dist in
+    patch units as there (Gumbel top-k, the same distribution)."""
     n_patches = grid_size * grid_size
     n = rbs_num_kept(n_patches, keep_ratio)
     coords = grid_coordinates(grid_size, centres.device)
@@ -129,7 +133,7 @@ def rbs_indices(centres: torch.Tensor, grid_size: int, keep_ratio: float, has_cl
         idx = dist.sort(dim=-1, stable=True).indices[..., :n]
     elif mode == "stochastic":
         u = torch.rand(dist.shape, device=dist.device, generator=generator).clamp_(1e-20, 1.0)
-        keys = -alpha * dist / grid_size - torch.log(-torch.log(u))
+        keys = -alpha * dist - torch.log(-torch.log(u))
         idx = keys.topk(n, dim=-1).indices
     else:
         raise ValueError(f"rbs mode must be 'nearest' or 'stochastic', got {mode!r}")
@@ -140,13 +144,15 @@ def rbs_indices(centres: torch.Tensor, grid_size: int, keep_ratio: float, has_cl
 
 
 class RBSEncoder(nn.Module):
-    """Views from a patch grid [code]: tokens -> shared projection (fc + residual MLP) -> per view the
-    tokens chosen by radial bias sampling -> one shared GPO -> L2 norm. Training: random centres,
-    keep_train; evaluation: [ours] fixed seeded centres (rbs_fixed_centres), keep_eval, nearest."""
+    """Views from a patch grid [code]: tokens -> shared projection -> per view the tokens chosen by radial
+    bias sampling -> one shared GPO -> L2 norm. The projection is the release's fc alone
+    (lib/encoders.py EncoderImageAggr: fc -> GPO -> l2norm); `residual_mlp=True` adds VSE∞'s residual
+    MLP beside it (AVSE's `grid_mlp` option). Training: random centres, keep_train; evaluation: [ours]
+    fixed seeded centres (rbs_fixed_centres), keep_eval, nearest."""
 
     def __init__(self, in_dim: int, embed_dim: int, grid_size: int, has_cls: bool = False, num_views: int = 2,
                  keep_train: float = 0.8, keep_eval: float = 0.9, mode: str = "nearest", alpha: float = 4.0,
-                 seed: int = 0, residual_mlp: bool = True, gpo_dim: int = 32):
+                 seed: int = 0, residual_mlp: bool = False, gpo_dim: int = 32):
         super().__init__()
         if mode not in ("nearest", "stochastic"):
             raise ValueError(f"rbs_mode must be 'nearest' or 'stochastic', got {mode!r}")

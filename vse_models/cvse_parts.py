@@ -12,15 +12,18 @@ import hashlib
 import json
 import math
 import os
+import warnings
 from collections import Counter
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from .distributed import GlobalBatchNorm1d
 from .layers import GPO, l2norm
 
 # [ours] CVSE picks nouns/adjectives/verbs with a POS tagger (needs downloads); we take the most frequent
@@ -81,7 +84,9 @@ def concept_adjacency(cooc: np.ndarray, counts: np.ndarray, threshold: float = 0
     """CVSE's normalised concept graph (SPEC §3.3):
     P = C / count[:, None]; R = base^(P - shift) - base^(-shift); binarise R >= threshold;
     columns re-weighted R * reweight / (colsum + 1e-6); A = R + I; returns D^-1/2 A^T D^-1/2 with
-    D = diag(row sums of A). Concepts never seen (count 0) get P = 0 (only their self-loop)."""
+    D = diag(row sums of A). A concept never seen (count 0) gets P = 0, so only its self-loop (CVSE's
+    gen_A_concept divides by the count and would give NaN); counts of any numeric dtype."""
+    cooc, counts = np.asarray(cooc, dtype=np.float64), np.asarray(counts, dtype=np.float64)
     q = cooc.shape[0]
     p = np.divide(cooc, counts[:, None], out=np.zeros_like(cooc), where=counts[:, None] > 0)
     r = base ** (p - shift) - base ** (-shift)
@@ -176,25 +181,72 @@ class GCN(nn.Module):
         return l2norm(adj @ self.w2(h))
 
 
-def _masked_bn(bn: nn.BatchNorm1d, x: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:
-    """BatchNorm over the valid positions only (padding must not enter the batch statistics)."""
-    if valid is None:
-        return bn(x.reshape(-1, x.size(-1))).view_as(x)
-    y = bn(x[valid])                      # under autocast y's dtype may differ from x's
-    out = y.new_zeros(*x.shape[:-1], y.size(-1))
-    out[valid] = y
-    return out
+def _sum_over_ranks(x: torch.Tensor, bn: nn.BatchNorm1d) -> torch.Tensor:
+    """x summed over the ranks (autograd-aware) when `bn` is a GlobalBatchNorm1d training in a torchrun job,
+    exactly when its own forward all-reduces the same (3, K) float32 statistics; x otherwise."""
+    if not (isinstance(bn, GlobalBatchNorm1d) and dist.is_initialized() and dist.get_world_size() > 1):
+        return x
+    with warnings.catch_warnings():  # as in distributed.gather
+        warnings.simplefilter("ignore", FutureWarning)
+        return dist.nn.functional.all_reduce(x.float()).to(x.dtype)  # float32 like GlobalBatchNorm1d's
+
+
+def slot_batch_norm(bn: nn.BatchNorm1d, x: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:
+    """CVSE's BatchNorm1d(K) on a (B, K, H) set (model_CVSE.py V_single_modal_atten: BatchNorm1d(36) on the
+    (B, 36, D) regions): each of the K set *slots* is normalised with its mean and variance over the batch
+    and the H channels. K is the data's set size; another size is an error (the statistics are per slot).
+    [ours] padded slots (`valid` False: dropped regions) stay out of the statistics and the running
+    averages (a slot that is padding in the whole batch keeps its running statistics); with no padding it
+    is `bn` itself (and under torchrun its GlobalBatchNorm1d, whose (3, K) all-reduce this path mirrors)."""
+    if x.size(1) != bn.num_features:
+        raise ValueError(f"region BatchNorm is over {bn.num_features} set slots (the data's set_size), "
+                         f"got sets of {x.size(1)}")
+    if valid is None or not bn.training or bool(valid.all()):
+        return bn(x)
+    acc = torch.promote_types(x.dtype, torch.float32)  # statistics in at least fp32 (float64 stays)
+    m, xf = valid[..., None].to(acc), x.to(acc)
+    total, square, count = _sum_over_ranks(torch.stack([(xf * m).sum((0, 2)), (xf * xf * m).sum((0, 2)),
+                                                        m.sum((0, 2)) * x.size(2)]), bn)
+    n = count.clamp(min=1)
+    mean = total / n
+    var = (square / n - mean * mean).clamp(min=0)
+    with torch.no_grad():
+        bn.num_batches_tracked += 1
+        momentum = bn.momentum if bn.momentum is not None else 1.0 / float(bn.num_batches_tracked)
+        seen = count > 0
+        unbiased = var * count / (count - 1).clamp(min=1)
+        bn.running_mean[seen] = torch.lerp(bn.running_mean[seen], mean[seen].to(bn.running_mean.dtype), momentum)
+        bn.running_var[seen] = torch.lerp(bn.running_var[seen], unbiased[seen].to(bn.running_var.dtype), momentum)
+    out = (x - mean[:, None].to(x.dtype)) * torch.rsqrt(var[:, None] + bn.eps).to(x.dtype)
+    return out * bn.weight[:, None] + bn.bias[:, None] if bn.affine else out
 
 
 class AttentionPool(nn.Module):
-    """CVSE's pooling guided by the mean element: a = fc3(tanh(BN(fc1 v)) * tanh(BN(fc2 v̄))),
-    α = softmax(a) over the valid elements, pooled = l2norm(sum α_i v_i). Padding is masked in the mean,
-    in the BatchNorm statistics and in the softmax (older code forgot the latter)."""
+    """CVSE's instance pooling guided by the set's mean (model_CVSE.py V_single_modal_atten for regions,
+    T_single_modal_atten for words; CVSE's defaults use_BatchNorm, tanh, dropout_rate 0.4):
+    a_i = fc3(drop(tanh(BN_e(fc1 v_i))) ⊙ drop(tanh(BN_g(fc2 g)))), α = softmax_i(a), pooled = l2norm(Σ α_i v_i),
+    v_i the (L2-normalised) elements, fc1, fc2: dim -> hidden, fc3: hidden -> 1, dropout in training only.
+    - side "image": BN_e = BatchNorm1d(set_size) over the set slots (slot_batch_norm; CVSE's BatchNorm1d(36)),
+      BN_g = BatchNorm1d(hidden), g = the mean of the v_i, not normalised;
+    - side "text": no BatchNorm, g = l2norm(mean of the v_i).
+    Padding is masked in the mean, the slot statistics and the softmax (CVSE's region sets have none; its
+    zero-padded words give the masked result anyway, but after self-attention padding is not zero)."""
 
-    def __init__(self, dim: int, hidden: int):
+    SIDES = ("image", "text")
+
+    def __init__(self, dim: int, hidden: int, side: str, set_size: int | None = None, dropout: float = 0.4):
         super().__init__()
+        if side not in self.SIDES:
+            raise ValueError(f"side must be one of {self.SIDES}, got {side!r}")
+        if side == "image" and not set_size:
+            raise ValueError("the image side's attention pooling needs the set size (BatchNorm1d over its slots)")
+        self.side = side
         self.fc1, self.fc2, self.fc3 = nn.Linear(dim, hidden), nn.Linear(dim, hidden), nn.Linear(hidden, 1)
-        self.bn1, self.bn2 = nn.BatchNorm1d(hidden), nn.BatchNorm1d(hidden)
+        if side == "image":
+            self.bn1, self.bn2 = nn.BatchNorm1d(set_size), nn.BatchNorm1d(hidden)
+        else:
+            self.bn1 = self.bn2 = None
+        self.dropout = nn.Dropout(dropout)
 
     def forward(self, x: torch.Tensor, pad: torch.Tensor | None) -> torch.Tensor:
         valid = None if pad is None else ~pad
@@ -202,7 +254,10 @@ class AttentionPool(nn.Module):
             mean = x.mean(1)
         else:
             mean = (x * valid[..., None]).sum(1) / valid.sum(1, keepdim=True).clamp(min=1)
-        h = torch.tanh(_masked_bn(self.bn1, self.fc1(x), valid)) * torch.tanh(self.bn2(self.fc2(mean)))[:, None]
+        elements, guide = self.fc1(x), self.fc2(l2norm(mean) if self.side == "text" else mean)
+        if self.side == "image":
+            elements, guide = slot_batch_norm(self.bn1, elements, valid), self.bn2(guide)
+        h = self.dropout(torch.tanh(elements)) * self.dropout(torch.tanh(guide))[:, None]
         a = self.fc3(h).squeeze(-1)
         if pad is not None:
             a = a.masked_fill(pad, float("-inf"))
@@ -212,17 +267,18 @@ class AttentionPool(nn.Module):
 
 class InstancePool(nn.Module):
     """Instance-level pooling of a (B, N, D) set to (B, D) L2-normalised embeddings: "attention" is
-    CVSE's (AttentionPool over the L2-normalised elements); "gpo" [ours] is VSE∞'s GPO on the elements
-    as they are (the baseline's pooling), for the ablation of pooling against the other MH-CVSE parts."""
+    CVSE's (AttentionPool over the L2-normalised elements, for `side` "image" or "text"); "gpo" [ours] is
+    VSE∞'s GPO on the elements as they are (the baseline's pooling), for the ablation of pooling against
+    the other MH-CVSE parts."""
 
     KINDS = ("attention", "gpo")
 
-    def __init__(self, kind: str, dim: int):
+    def __init__(self, kind: str, dim: int, side: str = "image", set_size: int | None = None, dropout: float = 0.4):
         super().__init__()
         if kind not in self.KINDS:
             raise ValueError(f"pooling must be one of {self.KINDS}, got {kind!r}")
         self.kind = kind
-        self.pool = AttentionPool(dim, dim) if kind == "attention" else GPO(32, 32)
+        self.pool = AttentionPool(dim, dim, side, set_size, dropout) if kind == "attention" else GPO(32, 32)
 
     def forward(self, x: torch.Tensor, lengths: torch.Tensor, pad: torch.Tensor | None) -> torch.Tensor:
         if self.kind == "attention":

@@ -95,7 +95,13 @@ def metrics_from_ranks(i2t_ranks, t2i_ranks) -> dict:
         out[f"{side}_medr"] = float(math.floor(np.median(r)) + 1)
         out[f"{side}_meanr"] = float(r.mean() + 1)
     out["rsum"] = sum(out[f"{s}_r{k}"] for s in ("i2t", "t2i") for k in (1, 5, 10))
-    return out
+    return _rounded(out)
+
+
+def _rounded(metrics: dict) -> dict:
+    # 4 decimals hold every value a recall over <= 25,000 items (or a 5-fold mean) can take; more digits are
+    # float noise (95.19999999999999).
+    return {k: round(v, 4) for k, v in metrics.items()}
 
 
 def _i2t_block(sims: torch.Tensor, row0: int, k: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -142,7 +148,7 @@ def fold_metrics(sims, captions_per_image: int = 5, folds: int = 5) -> dict:
         raise ValueError(f"{n} images cannot be split into {folds} equal folds")
     m = n // folds
     per_fold = [retrieval_metrics(sims[f * m:(f + 1) * m, f * m * k:(f + 1) * m * k], k) for f in range(folds)]
-    return {key: float(np.mean([p[key] for p in per_fold])) for key in METRIC_KEYS}
+    return _rounded({key: float(np.mean([p[key] for p in per_fold])) for key in METRIC_KEYS})
 
 
 @torch.no_grad()
@@ -214,7 +220,7 @@ def evaluate_split(model, split: Split, *, fold5: bool = False, batch_size: int 
                     model, slice_embeddings(img, f * m, (f + 1) * m),
                     model.complete_text_set(slice_embeddings(txt, f * m * k, (f + 1) * m * k)), k, block))
                 for f in range(5)]
-    return {"fold5": {key: float(np.mean([p[key] for p in per_fold])) for key in METRIC_KEYS}, "all": full}
+    return {"fold5": _rounded({key: float(np.mean([p[key] for p in per_fold])) for key in METRIC_KEYS}), "all": full}
 
 
 def format_table(rows: dict[str, dict]) -> str:

@@ -63,7 +63,8 @@ DEFAULTS = {
     "synthetic": {},           # SyntheticConfig fields
 }
 
-KILL_ENV = "VSE_TRAIN_KILL_AFTER_STEPS"  # testing hook: SIGKILL this process after N optimizer steps
+KILL_ENV = "VSE_TRAIN_KILL_AFTER_STEPS"  # testing hook: signal this process after N optimizer steps,
+SIGNAL_ENV = "VSE_TRAIN_KILL_SIGNAL"    # with this signal (default KILL; INT stands for Ctrl-C)
 
 
 # ----------------------------------------------------------------------------------------- config
@@ -279,26 +280,58 @@ def make_optimizer(model, cfg):
 
 
 def _progress(iterable, enabled: bool, **kw):
-    if not enabled:
+    """A tqdm bar on a terminal; a redirected stderr gets none (it would fill a log with carriage returns)."""
+    if not enabled or not sys.stderr.isatty():
         return iterable
     from tqdm.auto import tqdm
 
     return tqdm(iterable, dynamic_ncols=True, leave=False, **kw)
 
 
+class Console:
+    """What the console shows, also appended to the run folder's train.log (without progress bars) from
+    the moment the folder exists; lines said before that are written then. Silent on ranks other than 0."""
+
+    def __init__(self, enabled: bool = True):
+        self.enabled, self.pending, self.log = enabled, [], None
+
+    def __call__(self, text: str = "", **_print_options) -> None:
+        if not self.enabled:
+            return
+        print(text, flush=True)
+        if self.log is not None:
+            self.log.write(text + "\n")
+            self.log.flush()
+        else:
+            self.pending.append(text)
+
+    def attach(self, path: Path) -> None:
+        if self.enabled:
+            self.log = open(path, "a", encoding="utf-8")
+            self.log.write("".join(line + "\n" for line in self.pending))
+            self.log.flush()
+            self.pending = []
+
+    def close(self) -> None:
+        if self.log is not None:
+            self.log.close()
+            self.log = None
+
+
 class Logger:
     """metrics.jsonl + metrics.csv rewritten from the history (consistent after a resume), TensorBoard
-    when installed, PNG plots when matplotlib is installed."""
+    when installed, PNG plots when matplotlib is installed: loss.png with one panel per loss term the model
+    reports (AVSE's near-constant regulariser would flatten its matching loss in a single curve), rsum.png."""
 
-    def __init__(self, out: Path):
-        self.out = out
+    def __init__(self, out: Path, say=print):
+        self.out, self.say = out, say
         self.tb = None
         try:
             from torch.utils.tensorboard import SummaryWriter
 
             self.tb = SummaryWriter(str(out / "tensorboard"))
         except Exception:  # tensorboard not installed
-            print("note: TensorBoard is not installed; logging to metrics.jsonl / metrics.csv only")
+            say("note: TensorBoard is not installed; logging to metrics.jsonl / metrics.csv only")
         self.warned_plot = False
 
     def write(self, history: list[dict]) -> None:
@@ -320,7 +353,8 @@ class Logger:
             self.tb.flush()
         self.plot(history)
 
-    def plot(self, history: list[dict]) -> None:
+    def plot(self, history: list[dict]) -> list[str]:
+        """Draws loss.png and rsum.png from the history; returns the names of the files written."""
         try:
             import matplotlib
 
@@ -328,23 +362,29 @@ class Logger:
             import matplotlib.pyplot as plt
         except ImportError:
             if not self.warned_plot:
-                print("note: matplotlib is not installed; no PNG plots (pip install matplotlib)")
+                self.say("note: matplotlib is not installed, so no loss.png / rsum.png "
+                         "(pip install matplotlib, then vse-train --out RUN --resume draws them)")
                 self.warned_plot = True
-            return
-        epochs = [h["epoch"] + 1 for h in history]
-        for name, ys, label in (("loss", [h["train_loss"] for h in history], "mean training loss"),
-                                ("rsum", [h["dev"]["rsum"] for h in history], "dev rsum")):
-            fig, ax = plt.subplots(figsize=(5, 3.5))
-            ax.plot(epochs, ys, marker="o")
-            if name == "loss" and min(ys) > 0 and max(ys) > 20 * min(ys):
-                ax.set_yscale("log")  # all-negatives warm-up losses are ~100x the hardest-negative ones
-            ax.set_xlabel("epoch")
-            ax.set_ylabel(label)
-            ax.grid(alpha=0.3)
+            return []
+        epochs = [h["epoch"] for h in history]
+        terms = ["train_loss"] + sorted({k for h in history for k in h if k.startswith("train_") and k != "train_loss"})
+        panels = {"loss": [(t, [h.get(t, float("nan")) for h in history]) for t in terms],
+                  "rsum": [("dev rsum", [h["dev"]["rsum"] for h in history])]}
+        for name, curves in panels.items():
+            fig, axes = plt.subplots(1, len(curves), figsize=(4.2 * len(curves), 3.3), squeeze=False)
+            for ax, (label, ys) in zip(axes[0], curves):
+                ax.plot(epochs, ys, marker="o")
+                finite = [y for y in ys if y == y]
+                if finite and min(finite) > 0 and max(finite) > 20 * min(finite):
+                    ax.set_yscale("log")  # all-negatives warm-up losses are ~100x the hardest-negative ones
+                ax.set_title({"train_loss": "training loss (total)"}.get(label, label.replace("train_", "")))
+                ax.set_xlabel("epoch")
+                ax.grid(alpha=0.3)
             fig.tight_layout()
             fig.savefig(self.out / f"{name}.png.tmp.png", dpi=100)
             plt.close(fig)
             os.replace(self.out / f"{name}.png.tmp.png", self.out / f"{name}.png")
+        return [f"{name}.png" for name in panels]
 
 
 # ------------------------------------------------------------------------------------- run folder
@@ -382,7 +422,7 @@ def check_run_folder(out: Path, resume: bool, overwrite: bool) -> Path | None:
     return None
 
 
-def remove_run_files(out: Path) -> None:
+def remove_run_files(out: Path, say=print, quiet: bool = False) -> None:
     """--overwrite: removes what a run writes; anything else in the folder is left alone (and said so)."""
     if not out.is_dir():
         return
@@ -392,8 +432,8 @@ def remove_run_files(out: Path) -> None:
             shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
         else:
             kept.append(p.name)
-    if kept:
-        print(f"note: --overwrite kept {len(kept)} file(s) in {out} that a run does not write: {', '.join(kept[:6])}")
+    if kept and not quiet:
+        say(f"note: --overwrite kept {len(kept)} file(s) in {out} that a run does not write: {', '.join(kept[:6])}")
 
 
 # ------------------------------------------------------------------------------------------ train
@@ -419,15 +459,29 @@ def train(cfg: dict, resume: bool = False) -> dict | None:
     """Trains, then evaluates the best checkpoint on test. Under torchrun every rank calls this; rank 0
     alone writes the run folder and returns the result (the other ranks return None)."""
     ctx = distributed.setup(pick_device(cfg["device"]))
+    run = {"created": False, "checkpointed": False}
     try:
-        return _train(cfg, resume, ctx)
+        return _train(cfg, resume, ctx, run)
+    except BaseException:
+        # A new run that fails (or is interrupted) before its first checkpoint leaves nothing behind.
+        if ctx.is_main and run["created"] and not run["checkpointed"]:
+            remove_run_files(Path(cfg["out"]), quiet=True)
+            if not any(Path(cfg["out"]).iterdir()):
+                Path(cfg["out"]).rmdir()
+        raise
     finally:
         distributed.teardown(ctx)
 
 
-def _train(cfg: dict, resume: bool, ctx: distributed.Context) -> dict | None:
+def epochs_done(meta: dict) -> int:
+    """Finished epochs recorded in a checkpoint's meta.json (1-based epoch numbers since this key exists;
+    earlier checkpoints stored the 0-based index of the last finished epoch as "epoch")."""
+    return int(meta["epochs_done"]) if "epochs_done" in meta else int(meta["epoch"]) + 1
+
+
+def _train(cfg: dict, resume: bool, ctx: distributed.Context, run: dict) -> dict | None:
     t_start = time.time()
-    say = print if ctx.is_main else (lambda *args, **kwargs: None)
+    say = Console(ctx.is_main)
     out = Path(cfg["out"])
     overwrite = cfg.get("_overwrite", False)
     last_dir = check_run_folder(out, resume, overwrite)
@@ -468,10 +522,12 @@ def _train(cfg: dict, resume: bool, ctx: distributed.Context) -> dict | None:
     model.to(device)
     if ctx.is_main:  # data and model are set up: only now does the run folder change
         if overwrite:
-            remove_run_files(out)
+            remove_run_files(out, say)
+        run["created"] = not resume
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.json").write_text(json.dumps(cfg, indent=1))
         vocab.save(out / "vocab.json")
+        say.attach(out / "train.log")
     ddp_loss = None
     if ctx.enabled:
         # --batch-size is per process: the loss ranks the global batch of batch_size * world_size pairs.
@@ -488,7 +544,9 @@ def _train(cfg: dict, resume: bool, ctx: distributed.Context) -> dict | None:
     scheduler = model.make_scheduler(optimizer, cfg, steps_per_epoch)
     scaler = torch.amp.GradScaler(device.type, enabled=cfg["precision"] == "fp16")
 
-    start_epoch, step, best_rsum, history, best_epoch = 0, 0, -1.0, [], -1
+    # Epochs are numbered from 1 everywhere (console, metrics, checkpoints); `start_epoch` is the 0-based
+    # index of the next epoch, i.e. the number of epochs done.
+    start_epoch, step, best_rsum, history, best_epoch, wall_before = 0, 0, -1.0, [], 0, 0.0
     if state is not None:
         load_weights(model, last_dir)
         optimizer.load_state_dict(state["optimizer"])
@@ -498,12 +556,14 @@ def _train(cfg: dict, resume: bool, ctx: distributed.Context) -> dict | None:
         torch.set_rng_state(state["rng_cpu"])
         if device.type == "cuda" and state.get("rng_cuda") is not None:
             torch.cuda.set_rng_state(state["rng_cuda"], device)
-        meta = read_checkpoint_json(last_dir, "meta.json")
-        start_epoch, step, best_rsum = meta["epoch"] + 1, meta["step"], meta["best_rsum"]
-        history, best_epoch = meta["history"], meta["best_epoch"]
+        meta = _upgrade_meta(read_checkpoint_json(last_dir, "meta.json"))
+        start_epoch, step, best_rsum = epochs_done(meta), meta["step"], meta["best_rsum"]
+        history, best_epoch, wall_before = meta["history"], meta["best_epoch"], meta.get("wall_time_s", 0.0)
         if ctx.enabled:  # the saved RNG state is rank 0's: give each rank its own stream again
             torch.manual_seed(cfg["seed"] + 7919 * ctx.rank + 104_729 * start_epoch)
-        say(f"resuming {out} after epoch {meta['epoch']} (step {step})")
+        if start_epoch < cfg["epochs"]:
+            say(f"resuming {out}: epochs 1-{start_epoch} of {cfg['epochs']} are done (step {step}); training goes "
+                f"on with epoch {start_epoch + 1} from its start (steps after that checkpoint are redone)")
 
     n_params = sum(p.numel() for p in model.parameters())
     ranks = f" x {ctx.world_size} processes (global batch {global_batch})" if ctx.enabled else ""
@@ -511,7 +571,7 @@ def _train(cfg: dict, resume: bool, ctx: distributed.Context) -> dict | None:
           f"({cfg['features']}: {train_split.n_images} train images, {train_split.n_captions} captions, "
           f"vocab {len(vocab)}), {cfg['epochs']} epochs of {steps_per_epoch} steps", flush=True)
     kill_after = int(os.environ.get(KILL_ENV, "0") or 0)
-    logger = Logger(out) if ctx.is_main else None
+    logger = Logger(out, say) if ctx.is_main else None
     for epoch in range(start_epoch, cfg["epochs"]):
         t0 = time.time()
         model.train()
@@ -550,10 +610,10 @@ def _train(cfg: dict, resume: bool, ctx: distributed.Context) -> dict | None:
             for key, value in logs.items():  # the model's loss terms (e.g. AVSE's l_m, l_reg)
                 if key != "loss":
                     part_sums[key] = part_sums.get(key, 0.0) + float(value)
-            if cfg["progress"] and ctx.is_main:
+            if hasattr(batches, "set_postfix"):
                 batches.set_postfix(loss=f"{loss_value:.3f}")
             if kill_after and step >= kill_after:
-                os.kill(os.getpid(), signal.SIGKILL)
+                os.kill(os.getpid(), getattr(signal, "SIG" + os.environ.get(SIGNAL_ENV, "KILL")))
         lr = optimizer.param_groups[0]["lr"]
         if scheduler is not None:
             scheduler.step()
@@ -562,8 +622,8 @@ def _train(cfg: dict, resume: bool, ctx: distributed.Context) -> dict | None:
             distributed.barrier(ctx)
             continue
         dev = evaluate_split(model, dev_split, batch_size=cfg["eval_batch_size"], autocast_dtype=amp)
-        record = {"epoch": epoch, "step": step, "train_loss": loss_sum / max(1, n_batches), "lr": lr,
-                  **{f"train_{key}": total / max(1, n_batches) for key, total in part_sums.items()},
+        record = {"epoch": epoch + 1, "step": step, "train_loss": _round(loss_sum / max(1, n_batches)), "lr": lr,
+                  **{f"train_{key}": _round(total / max(1, n_batches)) for key, total in part_sums.items()},
                   "epoch_time_s": round(time.time() - t0, 2), "dev": dev}
         history.append(record)
         improved = dev["rsum"] > best_rsum
@@ -571,9 +631,10 @@ def _train(cfg: dict, resume: bool, ctx: distributed.Context) -> dict | None:
               f"(i2t R@1 {dev['i2t_r1']:.1f}, t2i R@1 {dev['t2i_r1']:.1f}){' *best*' if improved else ''} "
               f"[{record['epoch_time_s']:.0f} s]", flush=True)
         if improved:
-            best_rsum, best_epoch = dev["rsum"], epoch
-        meta = {"epoch": epoch, "step": step, "best_rsum": best_rsum, "best_epoch": best_epoch,
-                "dev": dev, "history": history}
+            best_rsum, best_epoch = dev["rsum"], epoch + 1
+        meta = {"epoch": epoch + 1, "epochs_done": epoch + 1, "step": step, "best_rsum": best_rsum,
+                "best_epoch": best_epoch, "dev": dev, "history": history,
+                "wall_time_s": round(wall_before + time.time() - t_start, 1)}
         if improved:
             save_checkpoint(out / "best", model, config=cfg, vocab=vocab, meta=meta)
         train_state = {"optimizer": optimizer.state_dict(),
@@ -581,31 +642,59 @@ def _train(cfg: dict, resume: bool, ctx: distributed.Context) -> dict | None:
                        "scaler": scaler.state_dict(), "rng_cpu": torch.get_rng_state(),
                        "rng_cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}
         save_checkpoint(out / "last", model, config=cfg, vocab=vocab, meta=meta, train_state=train_state)
+        run["checkpointed"] = True
         logger.write(history)
         distributed.barrier(ctx)
 
     if not ctx.is_main:
         return None
 
+    if start_epoch >= cfg["epochs"] and (out / "metrics.json").is_file():
+        # A finished run resumed: its record stays as it is; the plots are drawn again (e.g. after
+        # matplotlib was installed).
+        result = json.loads((out / "metrics.json").read_text())
+        drawn = logger.plot(history)
+        say(f"the run in {out} is finished ({cfg['epochs']} of {cfg['epochs']} epochs); its metrics.json is kept"
+            + (f", {' and '.join(drawn)} drawn again" if drawn else ""))
+        say.close()
+        return result
+
     # Final: the best-by-dev checkpoint on the test split (never looked at during training).
     best_dir = resolve(out / "best")
     if best_dir is None:
-        raise RuntimeError(f"no best checkpoint in {out} (0 epochs trained?)")
+        raise RuntimeError(f"no best checkpoint in {out}")
     load_weights(model, best_dir)
     test = evaluate_split(model, test_split, batch_size=cfg["eval_batch_size"], autocast_dtype=amp)
-    best_meta = read_checkpoint_json(best_dir, "meta.json")
-    result = {"test": test, "dev": best_meta["dev"], "best_epoch": best_meta["epoch"], "model": cfg["model"],
+    best_meta = _upgrade_meta(read_checkpoint_json(best_dir, "meta.json"))
+    result = {"test": test, "dev": best_meta["dev"], "best_epoch": epochs_done(best_meta), "model": cfg["model"],
               "data": cfg["data"], "features": cfg["features"], "test_split": cfg["test_split"],
               "epochs": cfg["epochs"], "seed": cfg["seed"], "device": str(device),
-              "wall_time_s": round(time.time() - t_start, 1)}
+              "threads": torch.get_num_threads() if device.type == "cpu" else None,
+              "wall_time_s": round(wall_before + time.time() - t_start, 1)}
     (out / "metrics.json.tmp").write_text(json.dumps(result, indent=1))
     os.replace(out / "metrics.json.tmp", out / "metrics.json")
-    print(f"\nbest epoch {best_meta['epoch'] + 1} (dev rsum {best_meta['dev']['rsum']:.1f}); "
-          f"{cfg['model']} on {cfg['data']} {cfg['test_split']} ({test_split.n_images} images):")
-    print(format_table({f"{cfg['test_split']}": test, "dev (best)": best_meta["dev"]}))
-    print(f"run folder: {out}  (metrics.json, metrics.csv, loss.png, rsum.png); "
-          f"wall time {result['wall_time_s']:.0f} s")
+    say(f"\nbest epoch {result['best_epoch']} (dev rsum {best_meta['dev']['rsum']:.1f}); "
+        f"{cfg['model']} on {cfg['data']} {cfg['test_split']} ({test_split.n_images} images):")
+    say(format_table({f"{cfg['test_split']}": test, "dev (best)": best_meta["dev"]}))
+    written = [f for f in ("metrics.json", "metrics.jsonl", "metrics.csv", "loss.png", "rsum.png", "train.log",
+                           "tensorboard") if (out / f).exists()]
+    say(f"run folder: {out}  ({', '.join(written)}, best/, last/); wall time {result['wall_time_s']:.0f} s")
+    say.close()
     return result
+
+
+def _round(x: float) -> float:
+    return float(f"{x:.6g}")  # a loss mean carries no more than float32's digits
+
+
+def _upgrade_meta(meta: dict) -> dict:
+    """meta.json of a checkpoint written before epochs were numbered from 1: the same meta in today's form."""
+    if "epochs_done" in meta:
+        return meta
+    meta = dict(meta, epochs_done=int(meta["epoch"]) + 1, epoch=int(meta["epoch"]) + 1,
+                best_epoch=int(meta["best_epoch"]) + 1)
+    meta["history"] = [dict(h, epoch=int(h["epoch"]) + 1) for h in meta["history"]]
+    return meta
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -618,7 +707,22 @@ def main(argv: list[str] | None = None) -> int:
     except (FileNotFoundError, FileExistsError, ValueError) as e:
         print(f"vse-train: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"vse-train: interrupted. {_resume_hint(Path(cfg['out']) if 'cfg' in locals() else None)}", file=sys.stderr)
+        return 130
     return 0
+
+
+def _resume_hint(out: Path | None) -> str:
+    last = resolve(out / "last") if out is not None else None
+    if last is None:
+        return "No epoch had finished, so there is nothing to resume (and nothing was left in --out)."
+    try:
+        done = epochs_done(read_checkpoint_json(last, "meta.json"))
+    except ValueError:
+        done = "?"
+    return (f"Checkpoints are written whole or not at all; the last one holds epochs 1-{done}. "
+            f"Continue with: vse-train --out {out} --resume")
 
 
 if __name__ == "__main__":

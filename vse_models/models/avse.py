@@ -8,16 +8,19 @@ Views:
 - regions (default): `GroupEncoder` — V = 6 learnable group tokens; each group keeps its top 80%
   regions; shared projection (fc + residual MLP) -> one GPO -> L2 per view [paper supplement].
 - grids (`features="grids"`, or any data with a grid size): `RBSEncoder` — radial bias sampling,
-  V = 2 views, keep 0.8 (train) / 0.9 (eval), CLS always kept when present (set_size = s*s + 1,
-  CLS first) [code].
+  V = 2 views, each keeping int(r·(1 + s·s)) patches, r = 0.8 (train) / 0.9 (eval), plus the CLS token
+  when present (set_size = s*s + 1, CLS first); shared fc -> GPO -> L2 per view, no residual MLP
+  (`grid_mlp=True` adds VSE∞'s) [code].
 Text: word embedding -> BiGRU (halves averaged) -> fc(x) + MLP(x) on the valid words -> GPO -> L2.
 
 [ours] choices (the sources are silent or wrong):
 - group assignment: cosine between the projected regions and the tokens; hard top-k
   (floor(0.8·n), at least 1) with a straight-through gate so the tokens receive a gradient;
 - RBS at evaluation: fixed centres, a hash of (image id, view, `rbs_seed`) — the release re-draws
-  them, which makes evaluation random; the stochastic variant (`rbs_mode="stochastic"`) samples
-  ∝ exp(-alpha·dist / s) in training only;
+  them, which makes evaluation random; the stochastic variant (`rbs_mode="stochastic"`, training only)
+  samples ∝ exp(-alpha·dist) as the release's demo (dist in patch units; alpha = 4/s gives the
+  earlier, softer form in units of the grid side); a grid without CLS keeps the same int(r·(1 + N))
+  patches;
 - L_reg with V > 2 views: mean over consecutive view pairs (v, v+1); `reg_form="code"` is the
   released code's C / B variant (default: the paper's);
 - Sinkhorn (`sinkhorn=True`, off by default): SuperGlue-style log-domain Sinkhorn with a learnable
@@ -57,7 +60,8 @@ class AVSE(RetrievalModel):
         "rbs_alpha": 4.0,            # [code, demo]
         "rbs_seed": 0,               # seed of the fixed evaluation centres [ours]
         "word_dim": 300,
-        "residual_mlp": True,
+        "residual_mlp": True,        # regions: fc + VSE∞'s residual MLP before grouping
+        "grid_mlp": False,           # grids: fc only, as the release; True adds the residual MLP [ours]
         "gpo_dim": 32,
         "margin": 0.2,
         "warmup_epochs": 1,          # all negatives in the first epoch, hardest afterwards [code]
@@ -71,6 +75,8 @@ class AVSE(RetrievalModel):
         "backend": "kernels",        # or "reference" (pure PyTorch)
         "features": "regions",       # or "grids" (radial bias sampling)
     }
+    option_choices = {"rbs_mode": ("nearest", "stochastic"), "reg_form": ("paper", "code")}
+    option_types = {"meta_dim": int, "num_views": int}
     # Region setting [paper]: AdamW, lr 5e-4, 5e-5 for the last 10 of 25 epochs, batch 128, clip 2.
     recipe = {"optimizer": "adamw", "lr": 5e-4, "batch_size": 128, "epochs": 25, "lr_milestones": [15],
               "lr_gamma": 0.1, "grad_clip": 2.0, "weight_decay": 0.0}
@@ -99,7 +105,7 @@ class AVSE(RetrievalModel):
             self.img_enc = RBSEncoder(info.feature_dim, d, s, has_cls=info.set_size == s * s + 1,
                                       num_views=self.num_views, keep_train=o["rbs_keep_train"],
                                       keep_eval=o["rbs_keep_eval"], mode=o["rbs_mode"], alpha=o["rbs_alpha"],
-                                      seed=o["rbs_seed"], residual_mlp=o["residual_mlp"], gpo_dim=o["gpo_dim"])
+                                      seed=o["rbs_seed"], residual_mlp=o["grid_mlp"], gpo_dim=o["gpo_dim"])
         else:
             self.img_enc = GroupEncoder(info.feature_dim, d, self.num_views, o["group_keep"], o["residual_mlp"],
                                         o["gpo_dim"])

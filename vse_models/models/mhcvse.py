@@ -3,9 +3,13 @@ CVSE, ECCV 2020).
 
 Instance level: regions -> Linear -> LayerNorm(x + MHSA(x)) (8 heads) -> L2 -> attention pooling -> v_I;
 words -> BiGRU (dropout 0.4) -> LayerNorm(x + MHSA(x, key-padding mask)) -> L2 -> masked attention
-pooling -> t_I. Consensus level: a GCN over the concept co-occurrence graph gives concept embeddings Z
-(q x D); each side predicts a distribution over concepts (text: mixed with its labels) and
-x_C = l2norm(s @ Z). Fusion (weight_sum | adap_sum | concat) gives x_F. Loss:
+pooling -> t_I. The pooling is CVSE's (model_CVSE.py V_ / T_single_modal_atten, cvse_parts.AttentionPool):
+regions with BatchNorm1d(set_size) over the region slots (CVSE's BatchNorm1d(36); a data set with another
+set size gets BatchNorm1d of its own size, fixed in the checkpoint) and guided by their mean, words
+without BatchNorm and guided by l2norm(masked mean); Dropout(pool_dropout, by default text_dropout's 0.4,
+CVSE's single dropout_rate) after each tanh in training. Consensus level: a GCN over the concept
+co-occurrence graph gives concept embeddings Z (q x D); each side predicts a distribution over concepts
+(text: mixed with its labels) and x_C = l2norm(s @ Z). Fusion (weight_sum | adap_sum | concat) gives x_F. Loss:
 w_F·rank(F) + w_I·rank(I) + w_C·rank(C) + w_KL·KL(s_t || s_v), base weights (3, 5, 1, 2), fixed or
 dynamic; every term summed over the batch (the KL also over the concepts, as CVSE's code). Score:
 0.95·<v_F, t_F> + 0.05·<v_C, t_C>. Cosine-annealed learning rate.
@@ -31,6 +35,8 @@ nothing from vse_kernels.
 """
 
 from __future__ import annotations
+
+import numbers
 
 import torch
 import torch.nn.functional as F
@@ -62,6 +68,7 @@ class MHCVSE(RetrievalModel):
         "self_attention": True,      # both sides; [ours] "image" or "text": one side only; False: CVSE's instance level
         "attention_residual": "post_norm",  # [ours] post_norm | pre_norm | rezero (cvse_parts.SelfAttentionBlock)
         "pooling": "attention",      # CVSE's attention pooling, or [ours] "gpo" (VSE∞'s, as the baseline)
+        "pool_dropout": None,        # dropout in the attention pooling; None: text_dropout's (CVSE's one dropout_rate)
         "text_dropout": 0.4,
         "region_drop": 0.0,          # [ours] VSE∞'s training-time region dropout (CVSE: none)
         "region_mlp": False,         # [ours] VSE∞'s residual MLP beside the region Linear (CVSE: Linear only)
@@ -83,6 +90,12 @@ class MHCVSE(RetrievalModel):
         "tiled_loss": False,         # rank losses straight from the embeddings, no B x B matrices
         "features": "regions",
     }
+    # Checked by resolve_options before a model is built (a bool default would refuse "image" / "text").
+    option_choices = {"self_attention": (True, False, "image", "text"),
+                      "attention_residual": SelfAttentionBlock.RESIDUALS, "pooling": InstancePool.KINDS,
+                      "fusion": Fusion.MODES, "kl_reduction": ("sum", "batchmean"), "lr_schedule": ("cosine", "step"),
+                      "train_text_labels": ("image", "caption")}
+    option_types = {"pool_dropout": numbers.Real, "glove_path": str}
     # CVSE on F30K: Adam 2e-4, batch 128, 50 epochs (x0.1 at 25 there; cosine annealing here), clip 2.
     recipe = {"optimizer": "adam", "lr": 2e-4, "batch_size": 128, "epochs": 50, "lr_milestones": [25],
               "lr_gamma": 0.1, "grad_clip": 2.0, "weight_decay": 0.0}
@@ -105,7 +118,9 @@ class MHCVSE(RetrievalModel):
         self.img_attn, self.txt_attn = (
             SelfAttentionBlock(d, o["num_heads"], backend, o["attention_residual"])
             if o["self_attention"] in (True, side) else None for side in ("image", "text"))
-        self.img_pool, self.txt_pool = (InstancePool(o["pooling"], d) for _ in range(2))
+        pool_dropout = o["text_dropout"] if o["pool_dropout"] is None else o["pool_dropout"]
+        self.img_pool, self.txt_pool = (InstancePool(o["pooling"], d, side, info.set_size, pool_dropout)
+                                        for side in ("image", "text"))
         self.concept_emb = nn.Parameter(torch.empty(q, o["word_dim"]).uniform_(-0.1, 0.1))
         self.gcn = GCN(o["word_dim"], o["gcn_hidden"], d)
         self.img_consensus, self.txt_consensus = ConsensusLevel(d, d), ConsensusLevel(d, d)
