@@ -31,7 +31,6 @@ _cuda_home_default()
 import torch  # noqa: E402  (after CUDA_HOME is settled)
 from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension  # noqa: E402
 
-HERE = os.path.dirname(os.path.abspath(__file__))
 
 
 def _want_cuda():
@@ -88,15 +87,14 @@ def _extension():
 
 
 class BuildWithInfo(BuildExtension):
-    """Also writes vse_kernels/_build_info.json, which the loader checks before importing _C."""
+    """Also writes _build_info.json beside the built vse_kernels._C, which the loader checks before importing it."""
 
     def run(self):
         super().run()
-        for target in {self.build_lib, HERE if self.inplace else None} - {None}:
-            path = os.path.join(target, "vse_kernels", "_build_info.json")
-            os.makedirs(os.path.dirname(path), exist_ok=True)
-            with open(path, "w") as f:
-                json.dump(BUILD_INFO, f, indent=1)
+        path = os.path.join(os.path.dirname(self.get_ext_fullpath("vse_kernels._C")), "_build_info.json")
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(path, "w") as f:
+            json.dump(BUILD_INFO, f, indent=1)
 
 
 EXTENSION, BUILD_INFO = _extension()

@@ -4,6 +4,7 @@ import os
 import re
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -70,3 +71,19 @@ def test_import_is_light_and_compile_still_treats_has_kernel_as_constant():
     assert out.strip() == "[]"
     marked = torch.compiler.assume_constant_result(lambda: None)
     assert vars(marked) and all(getattr(_extension.has_kernel, k) == v for k, v in vars(marked).items())
+
+
+@pytest.mark.slow
+def test_python_at_the_repository_root_runs_the_installed_package(tmp_path):
+    # src layout: a non-editable install, then `python -m vse_kernels.info` started in the clone's root must
+    # import the installed package with its compiled part, not a source folder there. C++ only (VSE_KERNELS_CUDA=0):
+    # what is checked is where Python finds the package; CI's own install compiles the CUDA sources.
+    repo = Path(__file__).resolve().parents[1]
+    site = tmp_path / "site"
+    env = dict(os.environ, VSE_KERNELS_CUDA="0", MAX_JOBS=os.environ.get("MAX_JOBS", "2"))
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-build-isolation", "--no-deps",
+                    "--target", str(site), str(repo)], env=env, check=True, capture_output=True, timeout=1200)
+    out = subprocess.run([sys.executable, "-m", "vse_kernels.info"], cwd=repo, capture_output=True, text=True,
+                         env=dict(os.environ, PYTHONPATH=str(site)), check=True).stdout
+    assert re.search(rf"imported from\s+{re.escape(str(site / 'vse_kernels'))}\n", out), out
+    assert re.search(r"compiled ops \(_C\)\s+loaded", out), out

@@ -591,7 +591,7 @@ def test_f30k_config_resolves_with_the_papers_recipe():
     from vse_models.train import build_parser, resolve_config
 
     cfg = resolve_config(build_parser().parse_args(
-        ["--config", str(REPO / "vse_models/configs/mhcvse_f30k.toml"), "--data", "data/f30k_precomp"]))
+        ["--config", str(REPO / "src/vse_models/configs/mhcvse_f30k.toml"), "--data", "data/f30k_precomp"]))
     assert (cfg["model"], cfg["optimizer"], cfg["lr"], cfg["batch_size"], cfg["epochs"]) == ("mh-cvse", "adam", 2e-4, 128, 50)
     o = MHCVSE.resolve_options(cfg["model_options"])
     assert (o["embed_size"], o["num_concepts"], o["num_heads"], o["lr_schedule"]) == (1024, 300, 8, "cosine")

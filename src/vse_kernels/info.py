@@ -13,6 +13,7 @@ def collect() -> dict:
 
     info = {
         "vse_kernels": __import__("vse_kernels").__version__,
+        "imported from": os.path.dirname(__import__("vse_kernels").__file__),
         "python": platform.python_version(),
         "torch": torch.__version__,
         "torch CUDA build": torch.version.cuda or "no (CPU-only torch)",

@@ -31,7 +31,7 @@ lookup. The trainer and `vse-eval` use only this contract, so a new model never 
 - `param_groups(lr)` and `make_scheduler(optimizer, config, steps_per_epoch)`: optional; the defaults are
   one group and MultiStepLR(config lr_milestones, lr_gamma). The scheduler is stepped once per epoch
   (config = the run config: epochs, lr, ... for e.g. cosine annealing over `config["epochs"]`).
-- A packaged preset `vse_models/configs/<name>-synthetic.toml` (run-config keys, `[model_options]`)
+- A packaged preset `src/vse_models/configs/<name>-synthetic.toml` (run-config keys, `[model_options]`)
   is applied on the synthetic data set; `recipe` holds the paper's recipe for real data.
 - `options["backend"]`: "kernels" (vse_kernels ops) or "reference" (pure PyTorch), by convention.
 """
