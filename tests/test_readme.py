@@ -28,3 +28,14 @@ def test_python_block_runs(index, tmp_path):
 def test_shell_block_parses(index):
     result = subprocess.run(["bash", "-n", "-c", SHELL[index]], capture_output=True, text=True)
     assert result.returncode == 0, f"README bash block {index}:\n{SHELL[index]}\n{result.stderr}"
+
+
+def test_the_main_command_installs_what_draws_the_plots():
+    # vse-train's loss.png / rsum.png need matplotlib: the main command must install it (through an extra).
+    import tomllib
+
+    main = re.search(r"<!-- main-command -->\n```bash\n(.*?)```", README, re.S).group(1)
+    extras = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())["project"][
+        "optional-dependencies"]
+    installed = [dep for extra in re.findall(r'"\.\[([\w,]+)\]"', main) for e in extra.split(",") for dep in extras[e]]
+    assert any(dep.startswith("matplotlib") for dep in installed), main
