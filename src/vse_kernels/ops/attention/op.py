@@ -9,7 +9,8 @@ Ops (opaque to torch.compile; each picks its implementation at run time):
 lse is the per-query-row natural log-sum-exp of the scaled, masked scores ((B, H, Lq), float32, float64
 for float64 inputs), +inf on fully-masked rows; it is internal (not differentiable).
 
-Implementations: CUDA fp16/bf16/fp32 with Lk <= 128 and Dh <= 128 -> Triton kernels (triton_kernels.py).
+Implementations: CUDA fp16/bf16/fp32 with Lk <= 128 and Dh <= 128 -> Triton kernels (triton_kernels.py),
+except the fp32 backward with Dh > 64 (see triton_kernels.supported).
 Everything else (CPU, float64, longer key sequences, larger heads) -> the "math path" below: the same
 algorithm with dense torch matmuls in fp32 (fp64 for fp64 inputs), O(B·H·Lq·Lk) extra memory.
 
@@ -37,10 +38,10 @@ def _kernels():
     return triton_kernels
 
 
-def _use_triton(q: Tensor, k: Tensor) -> bool:
+def _use_triton(q: Tensor, k: Tensor, backward: bool = False) -> bool:
     if not (q.is_cuda or (_TRITON_ON_CPU and q.device.type == "cpu")):
         return False
-    return _kernels().supported(q, k)
+    return _kernels().supported(q, k, backward)
 
 
 def _empty_in_layout(like: Tensor, shape=None, dtype=None) -> Tensor:
@@ -77,7 +78,7 @@ def _forward_into(q, k, v, key_padding_mask, scale, out) -> Tensor:
 
 
 def _backward_into(grad_out, q, k, v, key_padding_mask, out, lse, scale, dq, dk, dv) -> None:
-    if _use_triton(q, k):
+    if _use_triton(q, k, backward=True):
         _kernels().attention_backward(grad_out, q, k, v, key_padding_mask, out, lse, scale, dq, dk, dv)
         return
     p, _ = _math_probs(q, k, key_padding_mask, scale, lse)

@@ -13,12 +13,12 @@ projection need no copy. LSE is (B·H, Lq) float32 in natural log; +inf marks a 
 which makes exp(s - lse) = 0 for every key, hence zero output and zero gradients for that row.
 
 Under TRITON_INTERPRET=1 (CPU tensors) tiles are upcast to fp32 after loading: the interpreter computes
-bf16 dots wrongly. On a GPU fp16/bf16 tiles go to the tensor cores with fp32 accumulation; fp32 inputs
-use input_precision="ieee" (not TF32) so fp32 results are as accurate as PyTorch's fp32 matmul (slower:
-no tensor cores; fp16/bf16 is the fast path).
+bf16 dots wrongly. On a GPU fp16/bf16 tiles go to the tensor cores with fp32 accumulation; so do fp32
+inputs, as TF32 when torch allows it for matmuls, else as 3-pass "tf32x3" dots (fp32-level accuracy; see
+meta_sim's dot_precision).
 
 Launch configurations are untuned on hardware: they were chosen from ptxas register/spill reports of
-sm_90 builds made without a GPU (see compile_for_gpu); pass pairs=/block_m= to the launchers to tune.
+sm_90 builds made without a GPU (tests/test_compile_sm90.py); pass pairs=/block_m= to the launchers to tune.
 """
 
 from __future__ import annotations
@@ -26,6 +26,8 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+
+from ..meta_sim.triton_kernels import dot_precision
 
 MAX_LK = 128   # key range held in one tile; longer key sequences use the op's math path
 MAX_DH = 128
@@ -150,8 +152,14 @@ def _attn_bwd_kernel(
                  dv.to(DV.dtype.element_ty), mask=kv_ok)
 
 
-def supported(q: torch.Tensor, k: torch.Tensor) -> bool:
-    """Whether these kernels handle the shapes/dtype (the device is the caller's business)."""
+def supported(q: torch.Tensor, k: torch.Tensor, backward: bool = False) -> bool:
+    """Whether these kernels handle the shapes/dtype (the device is the caller's business).
+
+    Not the fp32 backward with heads over 64: its K, V, dK and dV tiles alone fill the register file, and
+    it spills (or needs more than 227 KB of shared memory) at every tile ptxas was tried with for sm_90;
+    the math path's cuBLAS matmuls do it better."""
+    if backward and q.dtype == torch.float32 and q.size(3) > 64:
+        return False
     return (q.dtype in (torch.float16, torch.bfloat16, torch.float32) and 1 <= k.size(2) <= MAX_LK
             and 1 <= q.size(3) <= MAX_DH and q.numel() > 0)
 
@@ -161,28 +169,36 @@ def _pow2(n: int) -> int:
 
 
 def _config(q, k, backward: bool, pairs: int | None, block_m: int | None, gpu: bool | None = None):
-    """(grid, constexprs, launch options). gpu overrides q.is_cuda (to compile for a GPU without one)."""
-    gpu = q.is_cuda if gpu is None else gpu
+    """(grid, constexprs, launch options). Meta tensors plan a GPU launch (the sm_90 compile test)."""
+    gpu = q.device.type != "cpu" if gpu is None else gpu
     batch, heads, lq, dh = q.shape
     block_n, block_d = _pow2(k.size(2)), _pow2(dh)
+    fp32 = q.dtype == torch.float32   # tf32x3 / tf32 dots hold twice the operand registers of bf16
     if block_m is None:
         # From ptxas register/spill reports for sm_90 (compiled without a GPU; not timed): 64-row query
-        # blocks fit without spilling except in the backward with a 128-key tile, which also holds 128-row
-        # dK, dV accumulators and walks the queries 16 rows at a time.
-        block_m = 16 if (backward and block_n >= 128) else 64
+        # blocks fit without spilling except in the backward with a 128-key tile (it also holds 128-row
+        # dK, dV accumulators) and the fp32 backward, which walk the queries 16 rows at a time, and the
+        # fp32 forward with 128-wide heads (32 rows).
+        block_m = 16 if (backward and (block_n >= 128 or fp32)) else 32 if fp32 and block_d >= 128 else 64
         block_m = min(block_m, _pow2(lq))
     bh = batch * heads
     if pairs is None:
-        # Several pairs per program only when each pair is tiny (Lk <= 32) and there are enough pairs to
-        # still fill the GPU several times over: ptxas reports for sm_90 show that a multi-pair loop roughly
-        # doubles register use (up to spilling) at larger tiles, which costs occupancy in a memory-bound kernel.
+        # Several pairs per program only in the forward, when each pair is tiny (Lk <= 32) and there are
+        # enough pairs to still fill the GPU several times over: a multi-pair loop roughly doubles register
+        # use: the backward (which also carries dK, dV) spills with 2 pairs, fp32 with 4 (ptxas, sm_90).
         sms = torch.cuda.get_device_properties(q.device).multi_processor_count if q.is_cuda else 132
-        pairs = max(1, min(4, bh // (8 * sms))) if block_n <= 32 else 1
-    num_warps = 8 if (backward and block_n * block_d >= 128 * 128) else 4
+        pairs = max(1, min(4, bh // (8 * sms))) if block_n <= 32 and not backward and not fp32 else 1
+    num_warps = 8 if fp32 or (backward and block_n * block_d >= 128 * 128) else 4
     meta = dict(PAIRS=pairs, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, M_BLOCKS=triton.cdiv(lq, block_m),
-                UPCAST=not gpu, DOT_PREC="ieee" if q.dtype == torch.float32 else "tf32")
-    launch = dict(num_warps=num_warps, num_stages=2) if gpu else {}
+                UPCAST=not gpu, DOT_PREC=dot_precision(q.dtype))
+    launch = dict(num_warps=num_warps, num_stages=1 if fp32 and backward else 2) if gpu else {}
     return (triton.cdiv(bh, pairs),), meta, launch
+
+
+def _launch(kernel, grid, *args, **kwargs) -> None:
+    """Every launch goes through here, so tests/test_compile_sm90.py can compile each one for sm_90 instead
+    (from meta tensors, without a GPU) and no config the launcher can choose escapes it."""
+    kernel[grid](*args, **kwargs)
 
 
 def _mask_arg(key_padding_mask, q):
@@ -198,7 +214,7 @@ def attention_forward(q, k, v, key_padding_mask, scale: float, out: torch.Tensor
     lse = torch.empty((batch, heads, lq), device=q.device, dtype=torch.float32)
     mask, has_mask = _mask_arg(key_padding_mask, q)
     grid, meta, launch = _config(q, k, False, pairs, block_m)
-    _attn_fwd_kernel[grid](
+    _launch(_attn_fwd_kernel, grid,
         q, k, v, mask, out, lse, *q.stride(), *k.stride(), *v.stride(), *out.stride(),
         heads, batch * heads, lq, k.size(2), dh, scale * _LOG2E, HAS_MASK=has_mask, **meta, **launch)
     return lse
@@ -212,7 +228,7 @@ def attention_backward(grad_out, q, k, v, key_padding_mask, out, lse, scale: flo
     batch, heads, lq, dh = q.shape
     mask, has_mask = _mask_arg(key_padding_mask, q)
     grid, meta, launch = _config(q, k, True, pairs, block_m)
-    _attn_bwd_kernel[grid](
+    _launch(_attn_bwd_kernel, grid,
         q, k, v, mask, out, grad_out, lse.contiguous(), dq, dk, dv,
         *q.stride(), *k.stride(), *v.stride(), *out.stride(), *grad_out.stride(),
         *dq.stride(), *dk.stride(), *dv.stride(),
@@ -225,36 +241,3 @@ def attention_triton(q, k, v, key_padding_mask=None, scale=None, **config):
     out = torch.empty_like(q, memory_format=torch.contiguous_format)
     lse = attention_forward(q, k, v, key_padding_mask, scale, out, **config)
     return out, lse
-
-
-def compile_for_gpu(dtype: torch.dtype, lq: int, lk: int, dh: int, *, backward: bool, has_mask: bool = True,
-                    batch: int = 4096, heads: int = 8, pairs: int | None = None, block_m: int | None = None,
-                    arch: int = 90):
-    """Compiles the kernel the launcher would pick for these sizes, for CUDA `arch`, without a GPU (needs
-    TRITON_INTERPRET unset; Triton's bundled ptxas). Catches what the interpreter does not check (tile
-    shapes, dtypes of dots, layouts); returns the compiled kernel (asm["ptx"], asm["cubin"])."""
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
-    kernel = _attn_bwd_kernel if backward else _attn_fwd_kernel
-    q = torch.empty(batch, heads, lq, dh, dtype=dtype, device="meta")
-    k = torch.empty(batch, heads, lk, dh, dtype=dtype, device="meta")
-    _, meta, launch = _config(q, k, backward, pairs, block_m, gpu=True)
-    element = {torch.float16: "*fp16", torch.bfloat16: "*bf16", torch.float32: "*fp32"}[dtype]
-    constexprs = dict(meta, HAS_MASK=has_mask)
-    signature = {}
-    for name in kernel.arg_names:
-        if name in constexprs:
-            signature[name] = "constexpr"
-        elif name == "LSE":
-            signature[name] = "*fp32"
-        elif name == "MASK":
-            signature[name] = "*i1" if has_mask else element
-        elif name in ("Q", "K", "V", "O", "DO", "DQ", "DK", "DV"):
-            signature[name] = element
-        elif name in ("scale", "qk_scale"):
-            signature[name] = "fp32"
-        else:
-            signature[name] = "i32"
-    source = ASTSource(fn=kernel, signature=signature, constexprs=constexprs)
-    return triton.compile(source, target=GPUTarget("cuda", arch, 32), options=launch)

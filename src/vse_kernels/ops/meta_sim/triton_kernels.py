@@ -201,14 +201,17 @@ def _tiles(m: int, q: int, tile_rows: int | None, tile_cols: int | None) -> tupl
 # BK, warps, stages) once per (M, Q, d, dtype); set VSE_KERNELS_META_SIM_AUTOTUNE=0 for the fixed default
 # tile, e.g. for bitwise reproducibility across processes (tuning may pick another tile next time).
 AUTOTUNE = os.environ.get("VSE_KERNELS_META_SIM_AUTOTUNE", "1") != "0"
+# 64 x 256 takes 8 warps: with 4, the grid setting's arg-max epilogue spills (ptxas, sm_90).
 _FORWARD_CONFIGS = [(128, 128, 64, 8, 3), (128, 128, 64, 4, 4), (128, 256, 64, 8, 3), (256, 128, 64, 8, 3),
-                    (64, 256, 64, 4, 4), (128, 128, 128, 8, 2)]
+                    (64, 256, 64, 8, 4), (128, 128, 128, 8, 2)]
 
 
 @functools.cache
-def _tuned_forward(mp: int, qp: int, half: bool):
+def _tuned_forward(mp: int, qp: int, half: bool, precision: str):
     configs, seen = [], set()
     for rows, cols, bk, warps, stages in _FORWARD_CONFIGS:
+        if precision == "tf32x3" and not (rows == cols == 128 and warps == 8):
+            continue  # 3 passes hold split operands in registers: larger tiles per warp spill
         bi, bt = max(1, rows // mp, 16 // mp), max(1, cols // qp, 16 // qp)
         bk = bk if half else 32  # fp32 tiles take twice the shared memory
         if (bi, bt, bk, warps, stages) not in seen:
@@ -226,11 +229,20 @@ def _backward_tiles(m: int, q: int, tile_rows: int | None = None, tile_cols: int
     return mp, qp, bi, bt
 
 
-def _precision(dtype: torch.dtype) -> str:
-    """fp32 inputs: exact "ieee" dots unless the user allowed TF32 for matmuls (torch's own switch)."""
-    if dtype == torch.float32 and not INTERPRET and torch.backends.cuda.matmul.allow_tf32:
-        return "tf32"
-    return "ieee" if dtype == torch.float32 or INTERPRET else "tf32"  # fp16/bf16 ignore it
+def dot_precision(dtype: torch.dtype) -> str:
+    """input_precision of tl.dot: fp32 inputs take the tensor cores either way, as TF32 when torch allows
+    it for matmuls (its own switch), else as the 3-pass "tf32x3" (fp32-level accuracy; "ieee" would be
+    FMAs, ~7x slower and, at these tiles, register-starved). fp16/bf16 ignore it; the interpreter
+    computes every dot exactly."""
+    if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
+        return "tf32x3"
+    return "tf32"
+
+
+def _launch(kernel, grid, *args, **kwargs) -> None:
+    """Every launch goes through here, so tests/test_compile_sm90.py can compile each one for sm_90 instead
+    (from meta tensors, without a GPU) and no config the launchers can choose escapes it."""
+    kernel[grid](*args, **kwargs)
 
 
 def _check(*tensors: torch.Tensor) -> None:
@@ -253,14 +265,15 @@ def meta_sim_forward(img: torch.Tensor, txt: torch.Tensor, with_argmax: bool, *,
     half = img.dtype != torch.float32
     args = (img, txt, scores, argmax, ni, nt, m, q, d, *img.stride(), *txt.stride(), *scores.stride(),
             *(argmax.stride() if with_argmax else (0, 0, 0)))
-    flags = dict(WITH_ARGMAX=with_argmax, UPCAST=upcast, PRECISION=_precision(img.dtype))
+    flags = dict(WITH_ARGMAX=with_argmax, UPCAST=upcast, PRECISION=dot_precision(img.dtype))
     if AUTOTUNE and not INTERPRET and tile_rows is None and tile_cols is None and 2 * ni * nt * m * q * d >= 2**32:
         mp, qp = _pow2(m), _pow2(q)
-        kernel = _tuned_forward(mp, qp, half)
-        kernel[lambda meta: (triton.cdiv(ni, meta["BI"]) * triton.cdiv(nt, meta["BT"]),)](*args, MP=mp, QP=qp, **flags)
+        kernel = _tuned_forward(mp, qp, half, flags["PRECISION"])
+        _launch(kernel, lambda meta: (triton.cdiv(ni, meta["BI"]) * triton.cdiv(nt, meta["BT"]),), *args,
+                MP=mp, QP=qp, **flags)
         return scores, argmax
     mp, qp, bi, bt = _tiles(m, q, tile_rows, tile_cols)
-    _meta_sim_fwd_kernel[(triton.cdiv(ni, bi) * triton.cdiv(nt, bt),)](
+    _launch(_meta_sim_fwd_kernel, (triton.cdiv(ni, bi) * triton.cdiv(nt, bt),),
         *args, MP=mp, QP=qp, BI=bi, BT=bt, BK=64 if half and not INTERPRET else 32, **flags,
         **({} if INTERPRET else {"num_warps": 8, "num_stages": 3}))
     return scores, argmax
@@ -278,15 +291,18 @@ def meta_sim_backward(grad: torch.Tensor, img: torch.Tensor, txt: torch.Tensor, 
     grad_txt = torch.empty((nt, q, d), dtype=txt.dtype, device=txt.device)
     if ni == 0 or nt == 0:  # nothing to route: the gradients are zero
         return grad_img.zero_(), grad_txt.zero_()
-    mp, qp, bi, bt = _backward_tiles(m, q, tile_rows, tile_cols)
-    bd = block_d or (32 if INTERPRET else 64)
+    # fp32 tiles are twice as big: at 128 x 128 x 64, 3 stages need 240-256 KB of shared memory (more
+    # than a block may have) and tf32x3's split operands spill (ptxas, sm_90).
+    fp32 = img.dtype == torch.float32 and not INTERPRET
+    mp, qp, bi, bt = _backward_tiles(m, q, tile_rows, tile_cols or (64 if fp32 else None))
+    bd = block_d or (32 if INTERPRET or fp32 else 64)
     upcast = INTERPRET or img.dtype == torch.float32
-    meta = dict(MP=mp, QP=qp, BI=bi, BT=bt, BD=bd, UPCAST=upcast, PRECISION=_precision(img.dtype),
+    meta = dict(MP=mp, QP=qp, BI=bi, BT=bt, BD=bd, UPCAST=upcast, PRECISION=dot_precision(img.dtype),
                 **({} if INTERPRET else {"num_warps": 8, "num_stages": 3}))
-    _meta_sim_bwd_img_kernel[(triton.cdiv(ni, bi), triton.cdiv(d, bd))](
+    _launch(_meta_sim_bwd_img_kernel, (triton.cdiv(ni, bi), triton.cdiv(d, bd)),
         grad, argmax, txt, grad_img, ni, nt, m, q, d,
         *grad.stride(), *argmax.stride(), *txt.stride(), *grad_img.stride(), **meta)
-    _meta_sim_bwd_txt_kernel[(triton.cdiv(nt, bt), triton.cdiv(d, bd))](
+    _launch(_meta_sim_bwd_txt_kernel, (triton.cdiv(nt, bt), triton.cdiv(d, bd)),
         grad, argmax, img, grad_txt, ni, nt, m, q, d,
         *grad.stride(), *argmax.stride(), *img.stride(), *grad_txt.stride(), **meta)
     return grad_img, grad_txt
