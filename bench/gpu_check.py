@@ -193,9 +193,8 @@ def meta_sim(run: Run):
         # The tensor-core yardstick: a square bf16 matmul of the same FLOPs.
         n = max(16, round((flops / 2) ** (1 / 3) / 16) * 16)
         a, b = (torch.randn(n, n, device=run.device, dtype=torch.bfloat16) for _ in range(2))
-        run.measure("meta_sim", case, f"bf16 matmul {n}^3", lambda: a @ b, iters=iters(ni, nt),
+        run.measure("meta_sim", case, f"bf16 matmul {n}^3", lambda a=a, b=b: a @ b, iters=iters(ni, nt),
                     work=2 * n**3 / 1e12, unit="TFLOPs")
-        del a, b
     # torch.compile last, with what the budget leaves: inductor compiles each shape for seconds (on CPU
     # it compiles C++ for a minute, so the dry run leaves it out).
     for setting, (ni, nt), mode in [] if run.dry else cases:

@@ -10,11 +10,10 @@ import torch
 
 import vse_kernels as vk
 from vse_kernels.ops.hinge_loss import hinge_triplet_loss_reference as reference
-from utils import DEVICES, assert_close, assert_matches_reference, values_and_grads
+from utils import DEVICES, INF, NAN, assert_close, assert_matches_reference, assert_matches_reference_with_nan
 
 OP_FWD = torch.ops.vse_kernels.hinge_triplet_loss_fwd.default
 OP_BWD = torch.ops.vse_kernels.hinge_triplet_loss_bwd.default
-NAN, INF = float("nan"), float("inf")
 
 
 def repeated_ids(batch, device="cpu"):
@@ -28,15 +27,6 @@ def loss_fn(**options):
 
 def reference_fn(**options):
     return lambda s: reference(s, **options)
-
-
-def assert_matches_reference_with_nan(fn, reference, inputs, grad_output):
-    """Values and input gradients equal the reference's, NaN where the reference has NaN (and only there)."""
-    out, grads = values_and_grads(fn, inputs, grad_output)
-    ref_out, ref_grads = values_and_grads(reference, inputs, grad_output)
-    torch.testing.assert_close(out, ref_out, equal_nan=True, msg=lambda m: f"forward value\n{m}")
-    for k, (g, ref_g) in enumerate(zip(grads, ref_grads)):
-        torch.testing.assert_close(g, ref_g, equal_nan=True, msg=lambda m: f"gradient of input {k}\n{m}")
 
 
 @pytest.mark.parametrize("device", DEVICES)

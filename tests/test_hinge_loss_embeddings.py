@@ -6,8 +6,7 @@ import torch
 import vse_kernels as vk
 from vse_kernels.ops.hinge_loss import hinge_triplet_loss_embeddings_reference as reference
 from memory import rss_growth_mib
-from test_hinge_loss import INF, NAN, assert_matches_reference_with_nan
-from utils import DEVICES, assert_close, assert_matches_reference
+from utils import DEVICES, INF, NAN, assert_close, assert_matches_reference, assert_matches_reference_with_nan
 
 OP_FWD = torch.ops.vse_kernels.hinge_triplet_loss_emb_fwd.default
 OP_BWD = torch.ops.vse_kernels.hinge_triplet_loss_emb_bwd.default

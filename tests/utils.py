@@ -48,6 +48,18 @@ def assert_matches_reference(fn, reference, inputs, *, grad_output=None, dtype=N
         assert_close(g, ref_g, dtype=dtype, scale=scale, msg=f"gradient of differentiable input {k}")
 
 
+NAN, INF = float("nan"), float("inf")
+
+
+def assert_matches_reference_with_nan(fn, reference, inputs, grad_output):
+    """Values and input gradients equal the reference's, NaN where the reference has NaN (and only there)."""
+    out, grads = values_and_grads(fn, inputs, grad_output)
+    ref_out, ref_grads = values_and_grads(reference, inputs, grad_output)
+    torch.testing.assert_close(out, ref_out, equal_nan=True, msg=lambda m: f"forward value\n{m}")
+    for k, (g, ref_g) in enumerate(zip(grads, ref_grads)):
+        torch.testing.assert_close(g, ref_g, equal_nan=True, msg=lambda m: f"gradient of input {k}\n{m}")
+
+
 def relative_error(actual: torch.Tensor, exact: torch.Tensor) -> float:
     """||actual - exact|| / ||exact||, computed in float64."""
     exact = exact.double()

@@ -16,6 +16,7 @@ import torch
 
 from .checkpoint import load_checkpoint
 from .evaluation import evaluate_split, format_table
+from .models import is_int
 from .train import autocast_dtype, data_root, load_split, pick_device
 
 
@@ -38,7 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
 def evaluate_checkpoint(checkpoint, split="test", *, which="best", fold5=False, data=None, device="auto",
                         precision="fp32", batch_size=256, threads=None) -> dict:
     for name, value in (("batch-size", batch_size), ("threads", threads)):
-        if value is not None and (not isinstance(value, int) or value < 1):
+        if value is not None and not (is_int(value) and value >= 1):
             raise ValueError(f"--{name} must be an integer >= 1, got {value!r}")
     device = pick_device(device)
     model, vocab, config, meta = load_checkpoint(checkpoint, which, device)

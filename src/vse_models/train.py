@@ -31,11 +31,11 @@ import torch
 
 from . import distributed
 from .checkpoint import (check_finite_state, load_train_state, load_weights, read_checkpoint_config,
-                         read_checkpoint_json, resolve, save_checkpoint, verified)
+                         read_checkpoint_json, read_json, resolve, save_checkpoint, verified)
 from .data import Split, SyntheticConfig, Vocabulary, ensure_synthetic, shuffled_batches
 from .errors import NonFiniteError
-from .evaluation import METRIC_KEYS, evaluate_split, format_table
-from .models import DataInfo, available_models, build_model, get_model_class
+from .evaluation import evaluate_split, format_table
+from .models import DataInfo, available_models, build_model, get_model_class, is_finite_number, is_int
 
 DEFAULTS = {
     "model": "avse",
@@ -181,28 +181,20 @@ def resolve_config(args) -> dict:
     return cfg
 
 
-def _is_int(v) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
-def _is_number(v) -> bool:
-    return (isinstance(v, (int, float)) and not isinstance(v, bool)) and math.isfinite(v)
-
-
 # key: (check, what it must be). Checked on the merged config, so config files get the same checks.
 _RUN_CHECKS = {
-    "epochs": (lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
-    "batch_size": (lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
-    "eval_batch_size": (lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
-    "threads": (lambda v: v is None or (_is_int(v) and v >= 1), "an integer >= 1 (or unset: one per core)"),
-    "seed": (_is_int, "an integer"),
-    "lr": (lambda v: _is_number(v) and v > 0, "a finite number > 0"),
-    "weight_decay": (lambda v: _is_number(v) and v >= 0, "a finite number >= 0"),
-    "grad_clip": (lambda v: v is None or (_is_number(v) and v >= 0), "a finite number >= 0 (0 = off)"),
-    "lr_gamma": (lambda v: _is_number(v) and v > 0, "a finite number > 0"),
-    "lr_milestones": (lambda v: isinstance(v, list) and all(_is_int(m) and m >= 0 for m in v),
+    "epochs": (lambda v: is_int(v) and v >= 1, "an integer >= 1"),
+    "batch_size": (lambda v: is_int(v) and v >= 1, "an integer >= 1"),
+    "eval_batch_size": (lambda v: is_int(v) and v >= 1, "an integer >= 1"),
+    "threads": (lambda v: v is None or (is_int(v) and v >= 1), "an integer >= 1 (or unset: one per core)"),
+    "seed": (is_int, "an integer"),
+    "lr": (lambda v: is_finite_number(v) and v > 0, "a finite number > 0"),
+    "weight_decay": (lambda v: is_finite_number(v) and v >= 0, "a finite number >= 0"),
+    "grad_clip": (lambda v: v is None or (is_finite_number(v) and v >= 0), "a finite number >= 0 (0 = off)"),
+    "lr_gamma": (lambda v: is_finite_number(v) and v > 0, "a finite number > 0"),
+    "lr_milestones": (lambda v: isinstance(v, list) and all(is_int(m) and m >= 0 for m in v),
                       "a list of epoch numbers >= 0"),
-    "vocab_min_count": (lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
+    "vocab_min_count": (lambda v: is_int(v) and v >= 1, "an integer >= 1"),
     "precision": (lambda v: v in ("fp32", "bf16", "fp16"), "one of fp32, bf16, fp16"),
     "optimizer": (lambda v: v in ("adam", "adamw"), "adam or adamw"),
     "features": (lambda v: v in ("regions", "grids"), "regions or grids"),
@@ -474,9 +466,8 @@ def train(cfg: dict, resume: bool = False) -> dict | None:
 
 
 def epochs_done(meta: dict) -> int:
-    """Finished epochs recorded in a checkpoint's meta.json (1-based epoch numbers since this key exists;
-    earlier checkpoints stored the 0-based index of the last finished epoch as "epoch")."""
-    return int(meta["epochs_done"]) if "epochs_done" in meta else int(meta["epoch"]) + 1
+    """Finished epochs recorded in a checkpoint's meta.json (of any version: see _upgrade_meta)."""
+    return int(_upgrade_meta(meta)["epochs_done"])
 
 
 def _train(cfg: dict, resume: bool, ctx: distributed.Context, run: dict) -> dict | None:
@@ -652,7 +643,7 @@ def _train(cfg: dict, resume: bool, ctx: distributed.Context, run: dict) -> dict
     if start_epoch >= cfg["epochs"] and (out / "metrics.json").is_file():
         # A finished run resumed: its record stays as it is; the plots are drawn again (e.g. after
         # matplotlib was installed).
-        result = json.loads((out / "metrics.json").read_text())
+        result = read_json(out / "metrics.json")
         drawn = logger.plot(history)
         say(f"the run in {out} is finished ({cfg['epochs']} of {cfg['epochs']} epochs); its metrics.json is kept"
             + (f", {' and '.join(drawn)} drawn again" if drawn else ""))
@@ -688,7 +679,8 @@ def _round(x: float) -> float:
 
 
 def _upgrade_meta(meta: dict) -> dict:
-    """meta.json of a checkpoint written before epochs were numbered from 1: the same meta in today's form."""
+    """meta.json in today's form. Checkpoints written before epochs were numbered from 1 stored the 0-based
+    index of the last finished epoch as "epoch" and had no "epochs_done"."""
     if "epochs_done" in meta:
         return meta
     meta = dict(meta, epochs_done=int(meta["epoch"]) + 1, epoch=int(meta["epoch"]) + 1,
@@ -699,6 +691,7 @@ def _upgrade_meta(meta: dict) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    cfg = None
     try:
         cfg = resolve_config(args)
         cfg["_explicit"] = tuple(_cli_overrides(args))
@@ -708,7 +701,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"vse-train: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(f"vse-train: interrupted. {_resume_hint(Path(cfg['out']) if 'cfg' in locals() else None)}", file=sys.stderr)
+        print(f"vse-train: interrupted. {_resume_hint(Path(cfg['out']) if cfg else None)}", file=sys.stderr)
         return 130
     return 0
 

@@ -65,6 +65,14 @@ class DataInfo:
         return asdict(self)
 
 
+def is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)  # True is an int to Python, not here
+
+
+def is_finite_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
 def register_model(name: str):
     def decorate(cls):
         if name in _REGISTRY and _REGISTRY[name] is not cls:
@@ -166,10 +174,9 @@ class RetrievalModel(nn.Module):
         elif isinstance(default, bool):
             ok, what = isinstance(value, bool), "true or false"
         elif isinstance(default, int):
-            ok, what = isinstance(value, int) and not isinstance(value, bool), "an integer"
+            ok, what = is_int(value), "an integer"
         elif isinstance(default, float):
-            ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-            what = "a finite number"
+            ok, what = is_finite_number(value), "a finite number"
         else:
             ok, what = isinstance(value, type(default)), f"a {type(default).__name__}"
         if not ok:
@@ -217,4 +224,4 @@ class RetrievalModel(nn.Module):
 
 
 __all__ = ["DataInfo", "RetrievalModel", "available_models", "build_model", "cat_embeddings",
-           "get_model_class", "register_model", "slice_embeddings"]
+           "get_model_class", "is_finite_number", "is_int", "register_model", "slice_embeddings"]
