@@ -43,19 +43,27 @@ def _meta_sim_launches(full: bool):
     dtypes = ["bf16", "fp16", "fp32", "tf32"] if full else ["bf16", "fp32", "tf32"]
     # (Ni, Nt, with_argmax): training batches (fixed tile at 128, autotuned from 512) and evaluation chunks
     sizes = [(128, 128, True), (512, 512, True)] + ([(128, 128, False), (1024, 8192, False)] if full else [])
-    for dtype in dtypes:
+    # The selectable variants (triton_kernels.Variant): each alone in the full sweep, all at once in CI.
+    everything = tk.Variant(split_units=True, problem_tiles=True, backward_splits=0)
+    variants = [tk.Variant()] + ([tk.Variant(split_units=True), tk.Variant(problem_tiles=True),
+                                  tk.Variant(backward_splits=0), everything] if full else [everything])
+    for dtype, variant in ((dtype, variant) for dtype in dtypes for variant in variants):
+        tag = "" if variant == tk.Variant() else " [" + ",".join(
+            f"{k}={v}" for k, v in vars(variant).items() if v != getattr(tk.Variant(), k)) + "]"
         for name, m, q, d in settings:
             for ni, nt, argmax in sizes if full or dtype != "tf32" else []:   # CI: TF32's backward only
-                def forward(dtype=dtype, m=m, q=q, d=d, ni=ni, nt=nt, argmax=argmax):
+                def forward(dtype=dtype, m=m, q=q, d=d, ni=ni, nt=nt, argmax=argmax, variant=variant):
                     img, txt = _meta(dtype, ni, m, d), _meta(dtype, nt, q, d)
-                    tk.meta_sim_forward(img, txt, argmax)
-                yield f"meta_sim fwd {dtype} {name} {ni}x{nt}{' argmax' if argmax else ''}", dtype, forward
+                    with tk.use_variant(variant):
+                        tk.meta_sim_forward(img, txt, argmax)
+                yield f"meta_sim fwd {dtype} {name} {ni}x{nt}{' argmax' if argmax else ''}{tag}", dtype, forward
             for ni, nt in [(128, 128), (512, 512)] if full else [(128, 128)]:
-                def backward(dtype=dtype, m=m, q=q, d=d, ni=ni, nt=nt):
+                def backward(dtype=dtype, m=m, q=q, d=d, ni=ni, nt=nt, variant=variant):
                     img, txt = _meta(dtype, ni, m, d), _meta(dtype, nt, q, d)
                     grad = torch.empty(ni, nt, device="meta")
-                    tk.meta_sim_backward(grad, img, txt, torch.empty(ni, nt, q, dtype=torch.int32, device="meta"))
-                yield f"meta_sim bwd {dtype} {name} {ni}x{nt}", dtype, backward
+                    with tk.use_variant(variant):
+                        tk.meta_sim_backward(grad, img, txt, torch.empty(ni, nt, q, dtype=torch.int32, device="meta"))
+                yield f"meta_sim bwd {dtype} {name} {ni}x{nt}{tag}", dtype, backward
 
 
 def _attention_launches(full: bool):
@@ -232,7 +240,7 @@ def markdown(rows: list[dict]) -> str:
              "| blocks/SM |", "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     for row in rows:
         tiles = " ".join(f"{k}={v}" for k, v in row["consts"].items() if k in (
-            "BI", "BT", "BK", "BD", "MP", "QP", "PAIRS", "BLOCK_M", "BLOCK_N", "BLOCK_D", "PRECISION", "DOT_PREC"))
+            "BI", "BT", "BK", "BD", "MP", "MP2", "QP", "PAIRS", "BLOCK_M", "BLOCK_N", "BLOCK_D", "PRECISION", "DOT_PREC"))
         more = f" (+{len(row['launches']) - 1})" if len(row["launches"]) > 1 else ""
         numbers = (["error"] * 4 if "error" in row else
                    [row["n_regs"], row["n_spills"], f"{row['shared'] / 1024:.0f}", row["blocks_per_sm"]])

@@ -311,13 +311,139 @@ def test_triton_kernels_match_reference(case):
         assert_close(g, r, dtype=torch.float32)
 
 
+# The variants (triton_kernels.Variant): each must give the default's results, values and gradients.
+VARIANT_CASES = [  # (Ni, Nt, M, Q, d)
+    (5, 40, 12, 2, 40),    # region-like M = 12 (8 + 4 rows), 3 text blocks to split over
+    (37, 7, 6, 3, 24),     # M = 6 (4 + 2), 3 image blocks to split over, ragged
+    (3, 5, 3, 1, 16),      # M = 3 (2 + 1: 16 images per program), one text unit
+    (9, 11, 5, 4, 20),     # M = 5 (4 + 1)
+    (4, 6, 7, 2, 16),      # M = 7: no split (4 + 4 = 8 rows anyway)
+]
+VARIANTS = [dict(split_units=True), dict(problem_tiles=True), dict(backward_splits=2), dict(backward_splits=3),
+            dict(backward_splits=0), dict(split_units=True, problem_tiles=True, backward_splits=0)]
+
+
+@pytest.mark.triton_interpret
+@pytest.mark.parametrize("variant", VARIANTS, ids=lambda v: ",".join(f"{k}={x}" for k, x in v.items()))
+@pytest.mark.parametrize("case", VARIANT_CASES, ids=str)
+def test_triton_variants_match_reference(case, variant):
+    from vse_kernels.ops.meta_sim import triton_kernels as tk
+
+    ni, nt, m, q, d = case
+    img, txt = leaf((ni, m, d)), leaf((nt, q, d))
+    expected = reference(img, txt, normalize=False)
+    grad = torch.randn_like(expected)
+    ref_grads = torch.autograd.grad(expected, (img, txt), grad)
+    img32, txt32 = img.detach().float(), txt.detach().float()
+    _, cpu_argmax = cpu_impl.meta_sim_forward(img32, txt32, True)
+    with tk.use_variant(**variant):
+        scores, argmax = tk.meta_sim_forward(img32, txt32, True)
+        no_argmax, _ = tk.meta_sim_forward(img32, txt32, False)
+        grads = tk.meta_sim_backward(grad.float(), img32, txt32, argmax, block_d=16)
+        again = tk.meta_sim_backward(grad.float(), img32, txt32, argmax, block_d=16)
+    assert tk.VARIANT == tk.Variant()   # restored
+    assert_close(scores, expected.detach(), dtype=torch.float32)
+    assert torch.equal(argmax, cpu_argmax) and torch.equal(no_argmax, scores)
+    for g, r, g2 in zip(grads, ref_grads, again):
+        assert g.dtype == torch.float32
+        assert_close(g, r, dtype=torch.float32)
+        assert torch.equal(g, g2)   # split parts are added in a fixed order: bitwise reproducible
+
+
+@pytest.mark.triton_interpret
+def test_triton_split_units_ties_and_nan():
+    from vse_kernels.ops.meta_sim import triton_kernels as tk
+
+    # Integer units: exact ties. Unit 9 (second row group) equals unit 1 and unit 10 equals unit 8 (the
+    # second group's first row): the lower index must win, as torch.max and the unsplit kernel do.
+    img = torch.randint(-2, 3, (4, 12, 16)).float()
+    img[:, 9], img[:, 10] = img[:, 1], img[:, 8]
+    txt = torch.randint(-2, 3, (5, 2, 16)).float()
+    with tk.use_variant(split_units=True):
+        scores, argmax = tk.meta_sim_forward(img, txt, True)
+    expected, expected_argmax = cpu_impl.meta_sim_forward(img, txt, True)
+    assert torch.equal(scores, expected) and torch.equal(argmax, expected_argmax)
+    assert not ((argmax == 9) | (argmax == 10)).any()
+
+
+@pytest.mark.triton_interpret
+@pytest.mark.parametrize("split_units", [False, True])
+def test_triton_nan_units_propagate(split_units):
+    from vse_kernels.ops.meta_sim import triton_kernels as tk
+
+    # A NaN image unit (either row group of the split) makes its image's scores NaN and a NaN text unit its
+    # text's, like the reference's max (tl.max alone skips NaN: the score came out finite). Infinite units
+    # follow the reference too: -inf loses the max, +inf wins it.
+    for unit, with_argmax in [(2, False), (9, False), (2, True), (9, True)]:
+        # (The interpreter's arg-max, numpy's nanargmax, raises on an all-NaN column, which a NaN text unit
+        # makes when no padded row is left: with the split's exact 8 + 4 rows.)
+        nan_text = not (split_units and with_argmax)
+        img, txt = torch.randn(3, 12, 16), torch.randn(4, 2, 16)
+        img[1, unit, 0] = float("nan")
+        if nan_text:
+            txt[2, 1, 3] = float("nan")
+        img[[0, 2], unit] = 0.0
+        img[0, unit, 0], img[2, unit, 0] = float("-inf"), float("inf")
+        txt[:, :, 0] = 1.0   # so that image 0's unit is -inf and image 2's +inf against every text unit
+        with tk.use_variant(split_units=split_units):
+            out, _ = tk.meta_sim_forward(img, txt, with_argmax)
+        expected = reference(img.double(), txt.double(), normalize=False)
+        assert out.isnan().sum() == (6 if nan_text else 4) and out.isinf().sum() == (3 if nan_text else 4)
+        torch.testing.assert_close(out, expected.float(), equal_nan=True)
+
+
+@pytest.mark.triton_interpret
+def test_variant_through_the_op(monkeypatch):
+    from vse_kernels.ops.meta_sim import triton_kernels as tk
+
+    monkeypatch.setattr(op_module, "_use_triton", lambda t: t.dtype in op_module._TRITON_DTYPES)
+    launches = []
+    monkeypatch.setattr(tk, "_launch", lambda kernel, grid, *a, **kw: launches.append((grid, kw)) or
+                        kernel[grid](*a, **kw))
+    img, txt = leaf((6, 12, 32), dtype=torch.float32), leaf((40, 2, 32), dtype=torch.float32)
+    with tk.use_variant(split_units=True, backward_splits=2):
+        assert_matches_reference(op(None, True), ref(None, True), [img, txt])
+    forward, backward = launches[0][1], launches[-1]
+    assert forward["MP"] == 8 and forward["MP2"] == 4
+    assert backward[0][2] == 2   # the dTxt launch: two parts
+
+
+def test_variant_parsing():
+    from vse_kernels.ops.meta_sim.triton_kernels import Variant
+
+    assert Variant.parse("") == Variant()
+    assert Variant.parse("split_units, backward_splits=4") == Variant(split_units=True, backward_splits=4)
+    assert Variant.parse("problem_tiles,backward_splits=0") == Variant(problem_tiles=True, backward_splits=0)
+    with pytest.raises(ValueError, match="unknown variant 'split'"):
+        Variant.parse("split")
+    with pytest.raises(ValueError, match="backward_splits must be an int >= 0"):
+        Variant(backward_splits=-1)
+
+
+def test_variant_tile_rules():
+    from vse_kernels.ops.meta_sim import triton_kernels as tk
+
+    assert [tk._split_rows(m) for m in (1, 2, 3, 4, 5, 6, 7, 8, 12, 16, 24)] == [0, 0, 1, 0, 1, 2, 0, 0, 4, 0, 8]
+    # The 128^2 region forward (M = 12 -> 16 rows, Q = 2): 8 x 64 pairs per program is 16 x 2 = 32 programs;
+    # halving the larger side: 64 x 128 unit rows/columns (64 programs), 64 x 64 (128), 32 x 64 (256).
+    assert tk._problem_tiles(128, 128, 16, 2, 8, 64, 132) == (2, 32)
+    assert tk._problem_tiles(5000, 25000, 16, 2, 8, 64, 132) == (8, 64)   # big grids keep their tile
+    assert tk._problem_tiles(1, 1, 16, 2, 8, 64, 132) == (1, 8)           # down to 16 x 16, no further
+    # Backward splits: the loop items per part, a multiple of the step; auto fills the SMs.
+    assert tk._splits(tk.Variant(backward_splits=0), 16, 128, 8, 132) == 16     # 9 parts wanted, 8 of 16
+    assert tk._splits(tk.Variant(backward_splits=4), 16, 100, 8, 132) == 32     # 13 blocks in 4 parts
+    assert tk._splits(tk.Variant(backward_splits=0), 512, 512, 64, 132) == 512  # enough programs: unsplit
+
+
 @pytest.mark.triton_interpret
 def test_triton_non_contiguous_ties_and_expanded_grad():
     from vse_kernels.ops.meta_sim import triton_kernels as tk
 
-    img = torch.randn(6, 20, 3).transpose(1, 2)               # (6, 3, 20), strided
-    img[:, 2] = img[:, 0]                                      # units 0 and 2 tie: unit 0 must win
-    txt = torch.randn(2, 5, 4, 20)[1, :, ::2]                   # (5, 2, 20), strided
+    # Small integers: every dot product is exact in any summation order, so tied units tie exactly (with
+    # random floats, the interpreter's BLAS may round two equal rows of a tile differently).
+    img = torch.randint(-3, 4, (6, 20, 3)).float().transpose(1, 2)   # (6, 3, 20), strided
+    img[:, 2] = img[:, 0]                                             # units 0 and 2 tie: unit 0 must win
+    txt = torch.randint(-3, 4, (2, 5, 4, 20)).float()[1, :, ::2]      # (5, 2, 20), strided
     assert not img.is_contiguous() and not txt.is_contiguous()
     img64, txt64 = img.double().requires_grad_(), txt.double().requires_grad_()
     expected = reference(img64, txt64, normalize=False)

@@ -18,6 +18,8 @@ upcast to fp32 after loading: the interpreter mis-computes raw bf16 dots (SPEC �
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import functools
 import os
 
@@ -36,7 +38,11 @@ def _meta_sim_fwd_kernel(
     s_ia, s_im, s_id, s_tb, s_tq, s_td, s_sa, s_sb, s_xa, s_xb, s_xq,
     MP: tl.constexpr, QP: tl.constexpr, BI: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
     WITH_ARGMAX: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr, GROUP: tl.constexpr = 8,
+    MP2: tl.constexpr = 0,
 ):
+    """MP2 > 0 (the split_units variant): an image's units are two row groups, MP rows (units 0..MP-1) and
+    MP2 rows (units MP..MP+MP2-1), each a power of two, with two dots per k-step: M = 12 takes 8 + 4 rows
+    instead of 16, so no dot computes padding."""
     R: tl.constexpr = BI * MP
     C: tl.constexpr = BT * QP
     # 1-D grid (no 65535 limit on a second axis), grouped like Triton's matmul tutorial: GROUP image blocks
@@ -58,6 +64,13 @@ def _meta_sim_fwd_kernel(
     col_ok = (b < NT) & (j < Q)
     img_rows = img_ptr + a * s_ia + i * s_im
     txt_cols = txt_ptr + b * s_tb + j * s_tq
+    if MP2 > 0:
+        rows2 = tl.arange(0, BI * MP2)
+        a2 = (pid_i * BI + rows2 // MP2).to(tl.int64)
+        i2 = MP + rows2 % MP2
+        row2_ok = (a2 < NI) & (i2 < M)
+        img_rows2 = img_ptr + a2 * s_ia + i2 * s_im
+        acc2 = tl.zeros((BI * MP2, C), dtype=tl.float32)
 
     acc = tl.zeros((R, C), dtype=tl.float32)
     for k0 in range(0, D, BK):
@@ -69,6 +82,11 @@ def _meta_sim_fwd_kernel(
             x = x.to(tl.float32)
             y = y.to(tl.float32)
         acc = tl.dot(x, y, acc, input_precision=PRECISION)
+        if MP2 > 0:
+            x2 = tl.load(img_rows2[:, None] + k[None, :] * s_id, mask=row2_ok[:, None] & k_ok[None, :], other=0.0)
+            if UPCAST:
+                x2 = x2.to(tl.float32)
+            acc2 = tl.dot(x2, y, acc2, input_precision=PRECISION)
 
     # Padded units never win the max; rows of images past NI are computed but never stored.
     acc = tl.where((i < M)[:, None], acc, float("-inf"))
@@ -77,6 +95,18 @@ def _meta_sim_fwd_kernel(
         best, best_unit = tl.max(acc, axis=1, return_indices=True, return_indices_tie_break_left=True)
     else:
         best = tl.max(acc, axis=1)
+    if MP2 > 0:
+        acc2 = tl.reshape(tl.where((i2 < M)[:, None], acc2, float("-inf")), (BI, MP2, C))
+        if WITH_ARGMAX:
+            best2, best_unit2 = tl.max(acc2, axis=1, return_indices=True, return_indices_tie_break_left=True)
+        else:
+            best2 = tl.max(acc2, axis=1)
+        # The second group's units come after the first's: it wins only when strictly greater (ties keep
+        # the lower index). NaN is dealt with by the launcher.
+        second = best2 > best
+        best = tl.where(second, best2, best)
+        if WITH_ARGMAX:
+            best_unit = tl.where(second, best_unit2 + MP, best_unit)
     best = tl.where((j < Q)[None, :], best, 0.0)  # (BI, C); padded text units add nothing
     scores = tl.sum(tl.reshape(best, (BI, BT, QP)), axis=2)
 
@@ -93,15 +123,18 @@ def _meta_sim_fwd_kernel(
 def _meta_sim_bwd_img_kernel(
     grad_ptr, argmax_ptr, txt_ptr, out_ptr,
     NI, NT, M, Q, D,
-    s_ga, s_gb, s_xa, s_xb, s_xq, s_tb, s_tq, s_td, s_oa, s_om, s_od,
+    s_ga, s_gb, s_xa, s_xb, s_xq, s_tb, s_tq, s_td, s_oa, s_om, s_od, SPLIT, s_os,
     MP: tl.constexpr, QP: tl.constexpr, BI: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr,
     UPCAST: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    """dImg[a, i, k] = sum over (b, j) of W[(a, i), (b, j)] * txt[b, j, k], for BI images and BD columns of d."""
+    """dImg[a, i, k] = sum over (b, j) of W[(a, i), (b, j)] * txt[b, j, k], for BI images and BD columns of d,
+    over the texts [SPLIT * s, SPLIT * (s + 1)) of split s = program_id(2) (all texts when unsplit), written to
+    out + s * s_os."""
     R: tl.constexpr = BI * MP
     C: tl.constexpr = BT * QP
     pid_i = tl.program_id(0)
     pid_k = tl.program_id(1)
+    pid_s = tl.program_id(2)
     rows = tl.arange(0, R)
     a = (pid_i * BI + rows // MP).to(tl.int64)
     i = rows % MP
@@ -115,7 +148,7 @@ def _meta_sim_bwd_img_kernel(
     ai = (pid_i * BI + tl.arange(0, BI)).to(tl.int64)
     units = tl.arange(0, MP)[None, :, None]
     acc = tl.zeros((R, BD), dtype=tl.float32)
-    for t0 in range(0, NT, BT):
+    for t0 in range(pid_s * SPLIT, tl.minimum(NT, (pid_s + 1) * SPLIT), BT):
         b = (t0 + cols // QP).to(tl.int64)
         col_ok = (b < NT) & (j < Q)
         pair_ok = (ai < NI)[:, None] & col_ok[None, :]
@@ -132,7 +165,7 @@ def _meta_sim_bwd_img_kernel(
         acc = tl.dot(w, y, acc, input_precision=PRECISION)
 
     row_ok = (a < NI) & (i < M)
-    tl.store(out_ptr + a[:, None] * s_oa + i[:, None] * s_om + k[None, :] * s_od,
+    tl.store(out_ptr + pid_s.to(tl.int64) * s_os + a[:, None] * s_oa + i[:, None] * s_om + k[None, :] * s_od,
              acc.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & k_ok[None, :])
 
 
@@ -140,15 +173,17 @@ def _meta_sim_bwd_img_kernel(
 def _meta_sim_bwd_txt_kernel(
     grad_ptr, argmax_ptr, img_ptr, out_ptr,
     NI, NT, M, Q, D,
-    s_ga, s_gb, s_xa, s_xb, s_xq, s_ia, s_im, s_id, s_ob, s_oq, s_od,
+    s_ga, s_gb, s_xa, s_xb, s_xq, s_ia, s_im, s_id, s_ob, s_oq, s_od, SPLIT, s_os,
     MP: tl.constexpr, QP: tl.constexpr, BI: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr,
     UPCAST: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    """dTxt[b, j, k] = sum over (a, i) of W[(a, i), (b, j)] * img[a, i, k], for BT texts and BD columns of d."""
+    """dTxt[b, j, k] = sum over (a, i) of W[(a, i), (b, j)] * img[a, i, k], for BT texts and BD columns of d,
+    over the images of split program_id(2), as in the image kernel."""
     R: tl.constexpr = BI * MP
     C: tl.constexpr = BT * QP
     pid_t = tl.program_id(0)
     pid_k = tl.program_id(1)
+    pid_s = tl.program_id(2)
     cols = tl.arange(0, C)
     b = (pid_t * BT + cols // QP).to(tl.int64)
     j = cols % QP
@@ -160,7 +195,7 @@ def _meta_sim_bwd_txt_kernel(
 
     units = tl.arange(0, MP)[None, None, :]
     acc = tl.zeros((C, BD), dtype=tl.float32)
-    for a0 in range(0, NI, BI):
+    for a0 in range(pid_s * SPLIT, tl.minimum(NI, (pid_s + 1) * SPLIT), BI):
         a = (a0 + rows // MP).to(tl.int64)
         row_ok = (a < NI) & (i < M)
         ai = (a0 + tl.arange(0, BI)).to(tl.int64)
@@ -177,12 +212,83 @@ def _meta_sim_bwd_txt_kernel(
             w = w.to(x.dtype)
         acc = tl.dot(w, x, acc, input_precision=PRECISION)
 
-    tl.store(out_ptr + b[:, None] * s_ob + j[:, None] * s_oq + k[None, :] * s_od,
+    tl.store(out_ptr + pid_s.to(tl.int64) * s_os + b[:, None] * s_ob + j[:, None] * s_oq + k[None, :] * s_od,
              acc.to(out_ptr.dtype.element_ty), mask=col_ok[:, None] & k_ok[None, :])
 
 
 def _pow2(n: int) -> int:
     return triton.next_power_of_2(max(1, n))
+
+
+@dataclasses.dataclass(frozen=True)
+class Variant:
+    """Kernel variants that remove a cap the sm_90 compile analysis predicts, selectable behind the same API;
+    each is exact (tests/test_meta_sim.py) and compiles clean for sm_90 (tests/test_compile_sm90.py), and
+    `python -m bench.gpu_check` times each against the default, so the first GPU run can pick the default
+    from measurement. The default (all off) is the code every earlier measurement ran.
+
+    split_units:     M units as two power-of-two row groups (M = 12: 8 + 4 rows instead of 16 padded ones:
+                     the region setting's forward dots compute 25% padding otherwise); only where it saves
+                     rows (M = 3, 5, 6, 9..12, ...).
+    problem_tiles:   the fixed (untuned) forward tile halved until the grid has a program per SM (the 128^2
+                     training forward launches 32 programs on 132 SMs); never below 16 x 16 unit rows/columns.
+    backward_splits: the backward's loop (over all texts for dImg, over all images for dTxt) split into this
+                     many parts run by separate programs, each writing fp32 partial sums that a second pass
+                     adds in a fixed order (deterministic); 0 = enough parts for a program per SM. 1 = unsplit
+                     (the 128^2 region backward: 16 dTxt programs, each looping over all 128 images).
+    """
+
+    split_units: bool = False
+    problem_tiles: bool = False
+    backward_splits: int = 1
+
+    def __post_init__(self):
+        if not (isinstance(self.backward_splits, int) and not isinstance(self.backward_splits, bool)
+                and self.backward_splits >= 0):
+            raise ValueError(f"backward_splits must be an int >= 0 (0 = auto), got {self.backward_splits!r}")
+
+    @classmethod
+    def parse(cls, text: str) -> "Variant":
+        """'split_units,problem_tiles,backward_splits=4' (the VSE_KERNELS_META_SIM_VARIANT syntax); '' = default."""
+        fields, names = {}, {f.name for f in dataclasses.fields(cls)}
+        for item in filter(None, (part.strip() for part in text.split(","))):
+            name, _, value = item.partition("=")
+            if name not in names:
+                raise ValueError(f"VSE_KERNELS_META_SIM_VARIANT: unknown variant {name!r} in {text!r}; "
+                                 f"known: {', '.join(sorted(names))}")
+            fields[name] = int(value) if name == "backward_splits" and value else value in ("", "1", "true")
+        return cls(**fields)
+
+
+VARIANT = Variant.parse(os.environ.get("VSE_KERNELS_META_SIM_VARIANT", ""))
+
+
+@contextlib.contextmanager
+def use_variant(variant: Variant | None = None, **fields):
+    """Runs the block with another Variant (given, or the current one with `fields` changed), e.g.
+    `with use_variant(split_units=True): vk.meta_sim(img, txt)`. Read at each launch, so it also holds
+    inside torch.compile'd code (the op is opaque to the compiler)."""
+    global VARIANT
+    saved, VARIANT = VARIANT, dataclasses.replace(variant or VARIANT, **fields)
+    try:
+        yield VARIANT
+    finally:
+        VARIANT = saved
+
+
+def _split_rows(m: int) -> int:
+    """MP2 of the split_units variant (0 = no split): M = MP + MP2 rows with MP the largest power of two <= M,
+    MP2 = the power of two covering the rest, where that is fewer rows than one padded group."""
+    hi = _pow2(m + 1) // 2
+    lo = _pow2(m - hi) if m > hi else 0
+    return lo if lo and hi + lo < _pow2(m) else 0
+
+
+def _sm_count(device: torch.device) -> int:
+    """Streaming multiprocessors to fill (the lent H200's 132 where there is no GPU: meta tensors, interpreter)."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 132
 
 
 def _tiles(m: int, q: int, tile_rows: int | None, tile_cols: int | None) -> tuple[int, int, int, int]:
@@ -197,6 +303,21 @@ def _tiles(m: int, q: int, tile_rows: int | None, tile_cols: int | None) -> tupl
     return mp, qp, bi, bt
 
 
+def _problem_tiles(ni: int, nt: int, mp: int, qp: int, bi: int, bt: int, sms: int) -> tuple[int, int]:
+    """(BI, BT) halved, the larger tile side first, until the grid has `sms` programs or both sides are at
+    16 unit rows/columns."""
+    while triton.cdiv(ni, bi) * triton.cdiv(nt, bt) < sms:
+        if bi * mp >= bt * qp and bi * mp > 16:
+            bi //= 2
+        elif bt * qp > 16:
+            bt //= 2
+        elif bi * mp > 16:
+            bi //= 2
+        else:
+            break
+    return bi, bt
+
+
 # Large forwards (>= 4 GFLOP: 512^2 training and up) pick their tile among these (unit rows, unit columns,
 # BK, warps, stages) once per (M, Q, d, dtype); set VSE_KERNELS_META_SIM_AUTOTUNE=0 for the fixed default
 # tile, e.g. for bitwise reproducibility across processes (tuning may pick another tile next time).
@@ -207,12 +328,14 @@ _FORWARD_CONFIGS = [(128, 128, 64, 8, 3), (128, 128, 64, 4, 4), (128, 256, 64, 8
 
 
 @functools.cache
-def _tuned_forward(mp: int, qp: int, half: bool, precision: str):
+def _tuned_forward(mp: int, qp: int, half: bool, precision: str, min_bi: int = 1):
     configs, seen = [], set()
     for rows, cols, bk, warps, stages in _FORWARD_CONFIGS:
         if precision == "tf32x3" and not (rows == cols == 128 and warps == 8):
             continue  # 3 passes hold split operands in registers: larger tiles per warp spill
-        bi, bt = max(1, rows // mp, 16 // mp), max(1, cols // qp, 16 // qp)
+        if not half and bk > 64:
+            continue  # fp32 takes BK = 32 (below): this would be the first config with 2 stages (split_units spills)
+        bi, bt = max(1, rows // mp, 16 // mp, min_bi), max(1, cols // qp, 16 // qp)
         bk = bk if half else 32  # fp32 tiles take twice the shared memory
         if (bi, bt, bk, warps, stages) not in seen:
             seen.add((bi, bt, bk, warps, stages))
@@ -227,6 +350,13 @@ def _backward_tiles(m: int, q: int, tile_rows: int | None = None, tile_cols: int
     while bi * bt * qp > 2048 and bi * mp > 16:
         bi //= 2
     return mp, qp, bi, bt
+
+
+def _splits(variant: Variant, programs: int, loop_length: int, step: int, sms: int) -> int:
+    """Items of the backward loop per split (a multiple of its step; loop_length = unsplit)."""
+    blocks = triton.cdiv(loop_length, step)
+    parts = variant.backward_splits or triton.cdiv(sms, programs)
+    return triton.cdiv(blocks, max(1, min(parts, blocks))) * step
 
 
 def dot_precision(dtype: torch.dtype) -> str:
@@ -254,43 +384,62 @@ def _check(*tensors: torch.Tensor) -> None:
 def meta_sim_forward(img: torch.Tensor, txt: torch.Tensor, with_argmax: bool, *,
                      tile_rows: int | None = None, tile_cols: int | None = None):
     """img (Ni, M, d), txt (Nt, Q, d), same dtype and device, any strides -> (S (Ni, Nt) fp32,
-    argmax (Ni, Nt, Q) int32, or an empty (0,) tensor without with_argmax)."""
+    argmax (Ni, Nt, Q) int32, or an empty (0,) tensor without with_argmax). Runs the current VARIANT."""
     _check(img, txt)
     (ni, m, d), (nt, q, _) = img.shape, txt.shape
     scores = torch.empty((ni, nt), dtype=torch.float32, device=img.device)
     argmax = torch.empty((ni, nt, q) if with_argmax else (0,), dtype=torch.int32, device=img.device)
     if ni == 0 or nt == 0:
         return scores, argmax
+    variant = VARIANT
     upcast = INTERPRET or img.dtype == torch.float32
     half = img.dtype != torch.float32
     args = (img, txt, scores, argmax, ni, nt, m, q, d, *img.stride(), *txt.stride(), *scores.stride(),
             *(argmax.stride() if with_argmax else (0, 0, 0)))
     flags = dict(WITH_ARGMAX=with_argmax, UPCAST=upcast, PRECISION=dot_precision(img.dtype))
+    # split_units: the images per program stay those of the padded tile; the rows are MP + MP2 instead.
+    mp2 = _split_rows(m) if variant.split_units else 0
+    min_bi = 16 // mp2 if mp2 else 1
+    if mp2:
+        flags["MP2"] = mp2
+    rows = _pow2(m + 1) // 2 if mp2 else _pow2(m)   # MP: the first row group (all of it, unsplit)
     if AUTOTUNE and not INTERPRET and tile_rows is None and tile_cols is None and 2 * ni * nt * m * q * d >= 2**32:
         mp, qp = _pow2(m), _pow2(q)
-        kernel = _tuned_forward(mp, qp, half, flags["PRECISION"])
+        kernel = _tuned_forward(mp, qp, half, flags["PRECISION"], min_bi)
         _launch(kernel, lambda meta: (triton.cdiv(ni, meta["BI"]) * triton.cdiv(nt, meta["BT"]),), *args,
-                MP=mp, QP=qp, **flags)
-        return scores, argmax
+                MP=rows, QP=qp, **flags)
+        return _with_nan(scores, img, txt), argmax
     mp, qp, bi, bt = _tiles(m, q, tile_rows, tile_cols)
-    _launch(_meta_sim_fwd_kernel, (triton.cdiv(ni, bi) * triton.cdiv(nt, bt),),
-        *args, MP=mp, QP=qp, BI=bi, BT=bt, BK=64 if half and not INTERPRET else 32, **flags,
+    if variant.problem_tiles and tile_rows is None and tile_cols is None:
+        bi, bt = _problem_tiles(ni, nt, mp, qp, bi, bt, _sm_count(img.device))
+    _launch(_meta_sim_fwd_kernel, (triton.cdiv(ni, max(bi, min_bi)) * triton.cdiv(nt, bt),),
+        *args, MP=rows, QP=qp, BI=max(bi, min_bi), BT=bt,
+        BK=64 if half and not INTERPRET else 32, **flags,
         **({} if INTERPRET else {"num_warps": 8, "num_stages": 3}))
-    return scores, argmax
+    return _with_nan(scores, img, txt), argmax
+
+
+def _with_nan(scores: torch.Tensor, img: torch.Tensor, txt: torch.Tensor) -> torch.Tensor:
+    """Scores of pairs with a NaN unit set to NaN: tl.max skips NaN, so a NaN unit would vanish from the score,
+    where the reference's max propagates it. From per-item flags, in place: no host sync, and O(Ni + Nt)
+    beyond one read of the inputs (NaN logic in the epilogue made the arg-max configs spill). ±inf units
+    need nothing: tl.max orders them as torch.max does."""
+    bad_img = img.isnan().flatten(1).any(1)
+    bad_txt = txt.isnan().flatten(1).any(1)
+    return scores.masked_fill_(bad_img[:, None] | bad_txt[None, :], float("nan"))
 
 
 def meta_sim_backward(grad: torch.Tensor, img: torch.Tensor, txt: torch.Tensor, argmax: torch.Tensor, *,
                       tile_rows: int | None = None, tile_cols: int | None = None, block_d: int | None = None):
-    """Gradients of sum(grad * S) w.r.t. img and txt (in their dtype), from the forward's saved argmax."""
+    """Gradients of sum(grad * S) w.r.t. img and txt (in their dtype), from the forward's saved argmax.
+    Runs the current VARIANT (backward_splits)."""
     _check(img, txt)
     (ni, m, d), (nt, q, _) = img.shape, txt.shape
     # An expanded (stride-0) grad, e.g. from S.sum(), must be materialised: SPEC §8.
     grad = grad.to(torch.float32).contiguous()
     argmax = argmax.contiguous()
-    grad_img = torch.empty((ni, m, d), dtype=img.dtype, device=img.device)
-    grad_txt = torch.empty((nt, q, d), dtype=txt.dtype, device=txt.device)
     if ni == 0 or nt == 0:  # nothing to route: the gradients are zero
-        return grad_img.zero_(), grad_txt.zero_()
+        return img.new_zeros((ni, m, d)), txt.new_zeros((nt, q, d))
     # fp32 tiles are twice as big: at 128 x 128 x 64, 3 stages need 240-256 KB of shared memory (more
     # than a block may have) and tf32x3's split operands spill (ptxas, sm_90).
     fp32 = img.dtype == torch.float32 and not INTERPRET
@@ -299,10 +448,21 @@ def meta_sim_backward(grad: torch.Tensor, img: torch.Tensor, txt: torch.Tensor, 
     upcast = INTERPRET or img.dtype == torch.float32
     meta = dict(MP=mp, QP=qp, BI=bi, BT=bt, BD=bd, UPCAST=upcast, PRECISION=dot_precision(img.dtype),
                 **({} if INTERPRET else {"num_warps": 8, "num_stages": 3}))
-    _launch(_meta_sim_bwd_img_kernel, (triton.cdiv(ni, bi), triton.cdiv(d, bd)),
-        grad, argmax, txt, grad_img, ni, nt, m, q, d,
-        *grad.stride(), *argmax.stride(), *txt.stride(), *grad_img.stride(), **meta)
-    _launch(_meta_sim_bwd_txt_kernel, (triton.cdiv(nt, bt), triton.cdiv(d, bd)),
-        grad, argmax, img, grad_txt, ni, nt, m, q, d,
-        *grad.stride(), *argmax.stride(), *img.stride(), *grad_txt.stride(), **meta)
+    sms, variant = _sm_count(img.device), VARIANT
+
+    def run(kernel, blocks, loop_length, loop_step, units, out_shape, dtype):
+        programs = blocks * triton.cdiv(d, bd)
+        split = loop_length if variant.backward_splits == 1 else _splits(variant, programs, loop_length, loop_step, sms)
+        parts = triton.cdiv(loop_length, split)
+        # Split: fp32 partial sums, one slice per part, added in the order of the parts (deterministic).
+        out = torch.empty((parts, *out_shape), dtype=torch.float32 if parts > 1 else dtype, device=img.device)
+        _launch(kernel, (blocks, triton.cdiv(d, bd), parts), grad, argmax, units, out, ni, nt, m, q, d,
+                *grad.stride(), *argmax.stride(), *units.stride(), *out.stride()[1:], split, out.stride(0), **meta)
+        total = out[0]
+        for part in out[1:]:
+            total = total + part
+        return total.to(dtype)
+
+    grad_img = run(_meta_sim_bwd_img_kernel, triton.cdiv(ni, bi), nt, bt, txt, (ni, m, d), img.dtype)
+    grad_txt = run(_meta_sim_bwd_txt_kernel, triton.cdiv(nt, bt), ni, bi, img, (nt, q, d), txt.dtype)
     return grad_img, grad_txt
