@@ -31,7 +31,7 @@ from pathlib import Path
 BENCH = Path(__file__).resolve().parent
 ROOT = BENCH.parent
 BUILD_COMMAND = "MAX_JOBS=16 TORCH_CUDA_ARCH_LIST=9.0 VSE_KERNELS_CUDA=1 pip install --no-build-isolation --no-deps ."
-BUDGETS = {"build": 180, "tests": 100, "meta_sim": 75, "attention": 45, "hinge_loss": 20, "models": 35}  # 455 s
+BUDGETS = {"build": 150, "tests": 90, "meta_sim": 100, "attention": 45, "hinge_loss": 30, "models": 35}  # 450 s
 GRACE = 3   # seconds a stage may run past its budget before the alarm stops it (cases check the budget first)
 
 
@@ -125,6 +125,10 @@ class Run:
 
 def _cells(row: dict) -> list[str]:
     rate = next((f"{row[k]:.1f} {k}" for k in ("TFLOPs", "GBps", "samples_per_s") if k in row), "")
+    if "peak_gib" in row:
+        rate += f", peak {row['peak_gib']:.2f} GiB"
+    if "largest_batch" in row:
+        rate = f"B = {row['largest_batch']}"
     ms = f"{row['ms']:.3f}" if "ms" in row else row.get("error", "")
     ratio = f"{row['time_vs_ours']:.2f}x" if "time_vs_ours" in row else ""
     return [row["case"], row["impl"], ms, rate, ratio]
@@ -175,9 +179,23 @@ def cuda_tests(run: Run):
     return f"{'passed' if result.returncode == 0 else f'rc {result.returncode}'}: {summary}"
 
 
+def _in_variant(variant, step):
+    from vse_kernels.ops.meta_sim import triton_kernels as tk
+
+    def run_in_variant():
+        with tk.use_variant(variant):
+            return step()
+    return run_in_variant
+
+
 def meta_sim(run: Run):
     import torch
     import bench_meta_sim as bm
+    from vse_kernels.ops.meta_sim import triton_kernels as tk
+
+    variants = {"split_units": tk.Variant(split_units=True), "problem_tiles": tk.Variant(problem_tiles=True),
+                "backward_splits=auto": tk.Variant(backward_splits=0),
+                "all": tk.Variant(split_units=True, problem_tiles=True, backward_splits=0)}
 
     sizes = ([((8, 8), "fwd+bwd"), ((16, 16), "fwd+bwd"), ((8, 40), "eval"), ((16, 80), "eval")] if run.dry else
              [((128, 128), "fwd+bwd"), ((512, 512), "fwd+bwd"), ((1000, 5000), "eval"), ((5000, 25000), "eval")])
@@ -190,6 +208,15 @@ def meta_sim(run: Run):
         for impl in ("vse_kernels", "reference"):
             run.measure("meta_sim", case, impl, bm._step(bm.IMPLS[impl], (ni, nt), setting, mode),
                         iters=iters(ni, nt), work=flops / 1e12, unit="TFLOPs")
+        # The kernel variants (issue 16): time / ours > 1 means the default is faster. Each where it applies:
+        # the backward splits with a backward, problem-sized tiles below the autotuned size (4 GFLOP).
+        for name, variant in variants.items():
+            if (variant.backward_splits != 1 and mode != "fwd+bwd"
+                    or variant == tk.Variant(problem_tiles=True) and 2 * ni * nt * m * q * d >= 2**32):
+                continue
+            run.measure("meta_sim", case, f"vse_kernels [{name}]", _in_variant(
+                variant, bm._step(bm.IMPLS["vse_kernels"], (ni, nt), setting, mode)), iters=iters(ni, nt),
+                work=flops / 1e12, unit="TFLOPs")
         # The tensor-core yardstick: a square bf16 matmul of the same FLOPs.
         n = max(16, round((flops / 2) ** (1 / 3) / 16) * 16)
         a, b = (torch.randn(n, n, device=run.device, dtype=torch.bfloat16) for _ in range(2))
@@ -250,6 +277,37 @@ def hinge_loss(run: Run):
                 return torch.autograd.grad(loss_fn(scores, max_violation=True, img_ids=img_ids), scores)[0]
             run.measure("hinge_loss", f"B={batch} hardest fwd+bwd", impl, step, iters=1 if run.dry else 20,
                         work=batch * batch * 8 / 1e9, unit="GBps")
+    largest_batch_within(run, limit_gib=4.0)
+
+
+def largest_batch_within(run: Run, limit_gib: float):
+    """The largest batch (doubling) whose fwd+bwd from embeddings (D = 1024, bf16, inputs and gradients
+    included) peaks within limit_gib: the tiled loss against scoring with a matmul and the hinge kernel."""
+    import torch
+    import bench_hinge_loss_embeddings as be
+
+    for impl in ("tiled", "materialised_kernel"):
+        fits = None
+        for batch in [8, 16] if run.dry else [2**k for k in range(12, 21)]:
+            def step(batch=batch, loss_fn=be.IMPLEMENTATIONS[impl]):
+                img = torch.randn(batch, be.DIM, device=run.device, dtype=be.DTYPE, requires_grad=True)
+                txt = torch.randn(batch, be.DIM, device=run.device, dtype=be.DTYPE, requires_grad=True)
+                loss = loss_fn(img, txt, img_ids=torch.arange(batch, device=run.device) // 5)
+                return torch.autograd.grad(loss, (img, txt))
+            if run.gpu:
+                torch.cuda.empty_cache()
+                torch.cuda.reset_peak_memory_stats()
+                base = torch.cuda.memory_allocated()
+            row = run.measure("hinge_loss", f"from embeddings B={batch} D={be.DIM} fwd+bwd", impl, step, iters=1)
+            if "ms" not in row:   # out of memory, or the budget is spent
+                break
+            if run.gpu:
+                row["peak_gib"] = (torch.cuda.max_memory_allocated() - base) / 2**30
+                if row["peak_gib"] > limit_gib:
+                    break
+            fits = batch
+        run.rows.append(dict(stage="hinge_loss", case=f"largest B within {limit_gib:g} GiB", impl=impl,
+                             largest_batch=fits))
 
 
 def models(run: Run):

@@ -22,4 +22,12 @@ def test_gpu_check_dry_run(tmp_path):
     for stage in ("meta_sim", "attention", "hinge_loss", "models"):
         rows = [r for r in data["rows"] if r["stage"] == stage]
         assert rows and any("ms" in r for r in rows if r["impl"] in ("vse_kernels", "kernels")), stage
+    # the kernel variants timed beside the default (issue 16), each where it applies
+    impls = {r["impl"] for r in data["rows"] if r["stage"] == "meta_sim" and "ms" in r}
+    assert {"vse_kernels [split_units]", "vse_kernels [problem_tiles]", "vse_kernels [backward_splits=auto]",
+            "vse_kernels [all]"} <= impls, impls
+    assert not any("backward_splits" in r["impl"] for r in data["rows"] if r["case"].endswith("eval"))
+    # the largest batch of the loss from embeddings, tiled and materialised
+    largest = {r["impl"]: r["largest_batch"] for r in data["rows"] if "largest_batch" in r}
+    assert largest == {"tiled": 16, "materialised_kernel": 16}, largest
     assert (tmp_path / "gpu_check.md").read_text().startswith("# gpu_check (dry run)")

@@ -493,34 +493,72 @@ def _errors(fn, img, txt, grad, exact_out, exact_grads):
     return [relative_error(out, exact_out)] + [relative_error(g, e) for g, e in zip(grads, exact_grads)]
 
 
+CUDA_VARIANTS = [{}, dict(split_units=True, problem_tiles=True, backward_splits=0)]
+CUDA_DTYPES = [torch.float16, torch.bfloat16, torch.float32, "tf32"]   # "tf32": fp32 with allow_tf32
+
+
+@pytest.fixture
+def cuda_dtype(request, monkeypatch):
+    """The dtype to run; "tf32" runs float32 with torch's TF32 switch on (the kernels follow it)."""
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", request.param == "tf32")
+    return torch.float32 if request.param == "tf32" else request.param
+
+
 @pytest.mark.cuda
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("m,q,d", [(12, 2, 512), (8, 4, 256)])
-def test_cuda_half_accuracy_vs_pytorch(dtype, m, q, d):
-    """Errors of the kernel in fp16/bf16 are at most 2x those of PyTorch in the same precision (vs fp64)."""
-    img, txt = torch.randn(96, m * d, device="cuda"), torch.randn(80, q * d, device="cuda")
+@pytest.mark.parametrize("variant", CUDA_VARIANTS, ids=["default", "all-variants"])
+@pytest.mark.parametrize("cuda_dtype", CUDA_DTYPES, indirect=True, ids=str)
+@pytest.mark.parametrize("m,q,d", [(12, 2, 512), (8, 4, 256)], ids=["region", "grid"])
+@pytest.mark.parametrize("n", [128, 512])
+def test_cuda_accuracy_vs_pytorch(n, m, q, d, cuda_dtype, variant):
+    """At training shapes: values and both gradients of the kernels are within 2x of PyTorch's own error in
+    the same precision (both against float64; flash-attn's rule), for every dtype and the variants."""
+    from vse_kernels.ops.meta_sim import triton_kernels as tk
+
+    img, txt = torch.randn(n, m * d, device="cuda"), torch.randn(n + 1, q * d, device="cuda")
     img64, txt64 = img.double().requires_grad_(), txt.double().requires_grad_()
     exact = reference(img64, txt64, d)
     grad = torch.randn_like(exact)
     exact_grads = torch.autograd.grad(exact, (img64, txt64), grad)
-    low = [img.to(dtype).requires_grad_(), txt.to(dtype).requires_grad_()]
-    ours = _errors(lambda a, b: vk.meta_sim(a, b, d), *low, grad, exact.detach(), exact_grads)
+    low = [img.to(cuda_dtype).requires_grad_(), txt.to(cuda_dtype).requires_grad_()]
+    with tk.use_variant(**variant):
+        ours = _errors(lambda a, b: vk.meta_sim(a, b, d), *low, grad, exact.detach(), exact_grads)
     theirs = _errors(lambda a, b: reference(a, b, d), *low, grad, exact.detach(), exact_grads)
     for name, e_ours, e_theirs in zip(["value", "grad img", "grad txt"], ours, theirs):
         assert e_ours <= 2 * e_theirs + 1e-6, f"{name}: kernel error {e_ours:.3g} vs PyTorch {e_theirs:.3g}"
 
 
 @pytest.mark.cuda
+@pytest.mark.parametrize("variant", CUDA_VARIANTS, ids=["default", "all-variants"])
+@pytest.mark.parametrize("cuda_dtype", CUDA_DTYPES, indirect=True, ids=str)
+@pytest.mark.parametrize("m,q,d", [(12, 2, 512), (8, 4, 256)], ids=["region", "grid"])
+def test_cuda_evaluation_accuracy_vs_pytorch(m, q, d, cuda_dtype, variant):
+    """Flickr30K's evaluation shape, 1000 x 5000 (no gradient: the autotuned forward without arg-max)."""
+    from vse_kernels.ops.meta_sim import triton_kernels as tk
+
+    img, txt = torch.randn(1000, m * d, device="cuda"), torch.randn(5000, q * d, device="cuda")
+    with torch.no_grad():
+        exact = reference(img.double(), txt.double(), d)
+        with tk.use_variant(**variant):
+            ours = relative_error(vk.meta_sim(img.to(cuda_dtype), txt.to(cuda_dtype), d), exact)
+        theirs = relative_error(reference(img.to(cuda_dtype), txt.to(cuda_dtype), d), exact)
+    assert ours <= 2 * theirs + 1e-6, f"kernel error {ours:.3g} vs PyTorch {theirs:.3g}"
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("variant", CUDA_VARIANTS, ids=["default", "all-variants"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_cuda_deterministic(dtype):
+def test_cuda_deterministic(dtype, variant):
+    from vse_kernels.ops.meta_sim import triton_kernels as tk
+
     img = torch.randn(300, 12, 512, device="cuda", dtype=dtype, requires_grad=True)
     txt = torch.randn(257, 2, 512, device="cuda", dtype=dtype, requires_grad=True)
     grad = torch.randn(300, 257, device="cuda")
-    first = values_and_grads(vk.meta_sim, [img, txt], grad)
-    for _ in range(3):
-        again = values_and_grads(vk.meta_sim, [img, txt], grad)
-        assert torch.equal(again[0], first[0])
-        assert all(torch.equal(a, b) for a, b in zip(again[1], first[1]))
+    with tk.use_variant(**variant):
+        first = values_and_grads(vk.meta_sim, [img, txt], grad)
+        for _ in range(3):
+            again = values_and_grads(vk.meta_sim, [img, txt], grad)
+            assert torch.equal(again[0], first[0])
+            assert all(torch.equal(a, b) for a, b in zip(again[1], first[1]))
 
 
 @pytest.mark.cuda
