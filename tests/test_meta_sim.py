@@ -409,7 +409,9 @@ def test_variant_through_the_op(monkeypatch):
 
 
 def test_variant_parsing():
-    from vse_kernels.ops.meta_sim.triton_kernels import Variant
+    from vse_kernels.ops.meta_sim import Variant, triton_kernels, use_variant
+
+    assert Variant is triton_kernels.Variant and use_variant is triton_kernels.use_variant   # the public names
 
     assert Variant.parse("") == Variant()
     assert Variant.parse("split_units, backward_splits=4") == Variant(split_units=True, backward_splits=4)
