@@ -11,6 +11,8 @@ units (M = 8, Q = 4); BiGRU text with 300-d words, captions of 12 words, vocabul
   package model), N = 100 on CPU (scaled down; the full size takes minutes there).
 Precision: fp32 everywhere, plus bf16 autocast on a GPU. Targets on an H100: package >= 1.5x the
 reference's training throughput.
+All marked `slow`: at paper sizes each case takes 10-140 s on 2 CPU cores (5.5 of the suite's 7.7 minutes
+there), so the quick tier (`-m "not slow"`) leaves them out; bench_mhcvse.py keeps a model step in it.
 """
 
 
@@ -21,6 +23,8 @@ from common import DEVICE, HAS_GPU, run_benchmark, training_step, median_seconds
 from vse_models.data.precomp import Batch
 from vse_models.evaluation import metrics_from_ranks, streamed_ranks
 from vse_models.models import DataInfo, build_model
+
+pytestmark = pytest.mark.slow
 
 BATCH = 128
 VOCAB, WORDS = 10_000, 12
