@@ -271,6 +271,15 @@ class GalleryIndex(IndexFile):
         parts = [self.tensor(n) for n in names]
         return parts[0] if len(parts) == 1 and self.metadata.get(f"{side}_tuple", "false") != "true" else tuple(parts)
 
+    @property
+    def source(self) -> dict:
+        """What was encoded: {"data": folder, "split": name, "features": kind} (empty if not recorded)."""
+        try:
+            value = json.loads(self.metadata.get("source", "{}"))
+        except json.JSONDecodeError:
+            return {}
+        return value if isinstance(value, dict) else {}
+
     def fingerprint(self) -> dict:
         return {k: self.metadata.get(k, "") for k in FINGERPRINT_KEYS}
 
