@@ -327,6 +327,32 @@ def test_search_units_reproduce_every_models_score(tmp_path, monkeypatch):
             torch.testing.assert_close(units, model.similarity(img, txt), rtol=1e-5, atol=1e-5, msg=name)
 
 
+@pytest.mark.parametrize("name", ["mh-cvse", "vse"])
+def test_index_and_search_for_the_other_models(name, tmp_path, monkeypatch):
+    # mh-cvse's embeddings are tuples of parts (image_tuple / text_tuple in the file); vse's one vector.
+    models, dev = _tiny_models(tmp_path, monkeypatch)
+    model = models[name].eval()
+    save_checkpoint(tmp_path / name, model, config={"features": "regions"}, vocab=dev.vocab, meta={})
+    r = vse_models.load(tmp_path / name)
+    index = r.build_index(tmp_path / "dev.safetensors", split="dev", data=dev.root)
+    img, txt = encode_split(r.model, dev)
+    assert type(index.images) is type(img) and type(index.texts) is type(txt)
+    for a, b in zip(*(x if isinstance(x, tuple) else (x,) for x in (index.images, img))):
+        assert torch.equal(a, b)
+    hits = r.search(r.open_index(tmp_path / "dev.safetensors"), texts=dev.captions[:6], k=4)
+    ref_vals, ref_idx = reference_topk(r.score(img, _rows(txt, 0, 6)).t(), 4)
+    torch.testing.assert_close(hits.scores, ref_vals)
+    assert torch.equal(hits.indices, ref_idx)
+    hits = r.search(index, image_ids=index.image_ids[:2], k=7)
+    ref_vals, ref_idx = reference_topk(r.score(_rows(img, 0, 2), txt), 7)
+    torch.testing.assert_close(hits.scores, ref_vals)
+    assert torch.equal(hits.indices, ref_idx)
+
+
+def _rows(emb, s, e):
+    return emb[s:e] if isinstance(emb, torch.Tensor) else type(emb)(x[s:e] for x in emb)
+
+
 def test_faiss_candidates_and_exact_rerank(tmp_path):
     pytest.importorskip("faiss")
     from vse_models.ann import UnitIndex, ann_search, default_factory
