@@ -206,6 +206,9 @@ class Retriever:
         if unit_index is not None:
             if side != "text":
                 raise ValueError("FAISS search is for text queries over images; image queries use brute force")
+            if unit_index.n_items != index.n_images:
+                raise ValueError(f"the FAISS unit index covers {unit_index.n_items} images, {index.path} has "
+                                 f"{index.n_images}: it was built for another gallery")
             from .ann import ann_search
 
             values, rows, candidates = ann_search(queries, gallery, k, score=self.model.similarity,
