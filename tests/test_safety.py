@@ -17,6 +17,7 @@ from vse_models.data import ensure_synthetic
 from vse_models.evaluate import main as eval_main
 from vse_models.models import DataInfo, build_model
 from vse_models.train import main as train_main
+from utils import env_var
 
 TINY_DATA = ["n_train=40", "n_dev=10", "n_test=10", "n_regions=8", "feat_dim=16", "grid_size=4"]
 TINY = [a for kv in TINY_DATA for a in ("--synthetic", kv)] + [
@@ -47,12 +48,8 @@ def _error(capsys) -> str:
 def finished_run(tmp_path_factory):
     """One finished 1-epoch run (vse, tiny data), copied by the tests that damage it."""
     base = tmp_path_factory.mktemp("finished")
-    old = os.environ.get("VSE_DATA_CACHE")
-    os.environ["VSE_DATA_CACHE"] = str(base / "cache")
-    try:
+    with env_var("VSE_DATA_CACHE", str(base / "cache")):
         assert train_main(["--epochs", "1", "--out", str(base / "run"), *TINY]) == 0
-    finally:
-        os.environ.pop("VSE_DATA_CACHE") if old is None else os.environ.__setitem__("VSE_DATA_CACHE", old)
     return base
 
 

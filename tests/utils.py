@@ -1,6 +1,10 @@
-"""Shared helpers for the op tests: dtype-aware tolerances, value-and-gradient comparison, devices."""
+"""Shared helpers for the tests: dtype-aware tolerances, value-and-gradient comparison, devices, and an
+environment variable set for a module-scoped fixture (which cannot use monkeypatch)."""
 
 from __future__ import annotations
+
+import contextlib
+import os
 
 import pytest
 import torch
@@ -64,3 +68,14 @@ def relative_error(actual: torch.Tensor, exact: torch.Tensor) -> float:
     """||actual - exact|| / ||exact||, computed in float64."""
     exact = exact.double()
     return ((actual.double() - exact).norm() / exact.norm().clamp_min(1e-300)).item()
+
+
+@contextlib.contextmanager
+def env_var(name: str, value: str):
+    """`name=value` in os.environ inside the block, the previous value (or its absence) restored after it."""
+    old = os.environ.get(name)
+    os.environ[name] = value
+    try:
+        yield
+    finally:
+        os.environ.pop(name) if old is None else os.environ.__setitem__(name, old)

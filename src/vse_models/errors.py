@@ -7,4 +7,4 @@ class NonFiniteError(ValueError):
 
 
 class CheckpointError(ValueError):
-    """A checkpoint file that is missing, truncated, corrupt or does not fit the model; names the file."""
+    """A checkpoint or gallery index file that is missing, truncated, corrupt or does not fit the model; names the file."""

@@ -53,18 +53,19 @@ class _FiniteScores:
     def __init__(self, n_txt: int):
         self.n_txt, self.count, self.first = n_txt, 0, []
 
-    def check(self, sims: torch.Tensor, row0: int) -> None:
+    def check(self, sims: torch.Tensor, row0: int, col0: int = 0) -> None:
+        """`sims` is the block at rows row0.. and columns col0.. of the matrix."""
         bad = ~torch.isfinite(sims)
         if bad.any():
-            flat = bad.flatten().nonzero().flatten()
-            self.count += flat.numel()
-            self.first.append((flat[:5] + row0 * self.n_txt).cpu())
+            pos = bad.nonzero()[:5]
+            self.count += int(bad.sum())
+            self.first.append(((pos[:, 0] + row0) * self.n_txt + pos[:, 1] + col0).cpu())
 
     def raise_if_any(self) -> None:
         if self.count:
             first = torch.cat(self.first)
             raise NonFiniteError(f"{self.count} similarity score(s) are NaN or infinite, at (image, caption) "
-                                 f"{_where(first, self.n_txt)}; evaluation refuses to rank them")
+                                 f"{_where(first, self.n_txt)}; refusing to rank them")
 
 
 def check_finite_embeddings(emb, what: str) -> None:
@@ -152,21 +153,30 @@ def fold_metrics(sims, captions_per_image: int = 5, folds: int = 5) -> dict:
 
 
 @torch.no_grad()
-def encode_split(model, split: Split, batch_size: int = 256, device=None, autocast_dtype=None):
-    """(image embeddings of all N images, text embeddings of all k·N captions), on `device`."""
+def iter_embeddings(model, split: Split, side: str, batch_size: int = 256, device=None, autocast_dtype=None,
+                    progress=None):
+    """(start, float32 embeddings of items [start, start + b)) per batch of the split's images (side="image")
+    or captions (side="text"), in eval mode (restored afterwards), on `device`: a gallery is encoded
+    without holding it all."""
     device = torch.device(device) if device is not None else next(model.parameters()).device
+    n, make = ((split.n_images, split.image_batch) if side == "image" else (split.n_captions, split.caption_batch))
     was_training = model.training
     model.eval()  # older code evaluated in train mode (dropout, BatchNorm statistics)
     try:
-        with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-            imgs = [model.encode_images(split.image_batch(idx).to(device))
-                    for idx in sequential_batches(split.n_images, batch_size)]
-            txts = [model.encode_texts(split.caption_batch(idx).to(device))
-                    for idx in sequential_batches(split.n_captions, batch_size)]
+        batches = sequential_batches(n, batch_size)
+        for idx in (progress(batches) if progress else batches):
+            with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+                emb = (model.encode_images if side == "image" else model.encode_texts)(make(idx).to(device))
+            # Scores are computed in float32 outside autocast, whatever precision the encoders ran in.
+            yield int(idx[0]), _float(emb)
     finally:
         model.train(was_training)
-    # Scores are computed in float32 outside autocast, whatever precision the encoders ran in.
-    return _float(cat_embeddings(imgs)), _float(cat_embeddings(txts))
+
+
+def encode_split(model, split: Split, batch_size: int = 256, device=None, autocast_dtype=None):
+    """(image embeddings of all N images, text embeddings of all k·N captions), on `device`."""
+    return tuple(cat_embeddings([emb for _, emb in iter_embeddings(model, split, side, batch_size, device, autocast_dtype)])
+                 for side in ("image", "text"))
 
 
 def _float(emb):

@@ -27,6 +27,9 @@ lookup. The trainer and `vse-eval` use only this contract, so a new model never 
   afterwards; with the option `tiled_loss` (cosine models) `vse_kernels.hinge_triplet_loss_embeddings`,
   which never holds the B x B matrix. `loss(batch, epoch)` encodes and calls it: override
   `embedding_loss`, not `loss`, so that distributed training sees the whole loss.
+- `search_units(emb, side)`: optional, for FAISS candidate generation (`vse_models.ann`): (N, U, d) units of
+  image (side="image") or text embeddings such that `similarity(img, txt)[a, b]` equals
+  `sum_j max_i <img_units[a, i], txt_units[b, j]>` (`topk.late_interaction`; U = 1 for one-vector scores).
 - `has_unused_parameters`: set True when some parameters can get no gradient in a step (tells DDP).
 - `param_groups(lr)` and `make_scheduler(optimizer, config, steps_per_epoch)`: optional; the defaults are
   one group and MultiStepLR(config lr_milestones, lr_gamma). The scheduler is stepped once per epoch
@@ -197,6 +200,10 @@ class RetrievalModel(nn.Module):
 
     def similarity(self, img_emb, txt_emb) -> torch.Tensor:
         raise NotImplementedError
+
+    def search_units(self, emb, side: str) -> torch.Tensor:
+        raise NotImplementedError(f"model {self.name!r} defines no search_units: FAISS candidate search is not "
+                                  f"available for it (brute-force search is)")
 
     def complete_text_set(self, txt_emb):
         """The text embeddings of a whole evaluation set (or 5-fold fold) as they are scored: unchanged here;

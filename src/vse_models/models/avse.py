@@ -144,6 +144,12 @@ class AVSE(RetrievalModel):
             return vse_kernels.meta_sim(img_emb, txt_emb, block_dim=self.meta_dim)
         return aeom_reference(img_emb, txt_emb, self.meta_dim)
 
+    def search_units(self, emb: torch.Tensor, side: str) -> torch.Tensor:
+        """The meta-semantic units AEOM compares, L2-normalised as meta_sim normalises them (not with Sinkhorn)."""
+        if self.dustbin is not None:
+            raise NotImplementedError("search_units: with sinkhorn=true the score is not a late interaction of units")
+        return nn.functional.normalize(emb.reshape(emb.size(0), -1, self.meta_dim), dim=-1, eps=1e-12)
+
     # ---------------------------------------------------------------------------------------- loss
     def embedding_loss(self, img_emb: torch.Tensor, txt_emb: torch.Tensor, img_ids, epoch: int):
         """L_m + reg_weight * L_reg from the (B, V·D) image and (B, D) text embeddings (the registry's

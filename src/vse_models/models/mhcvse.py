@@ -242,6 +242,14 @@ class MHCVSE(RetrievalModel):
         w = self.options["score_fused_weight"]
         return w * (img_emb[2] @ txt_emb[2].t()) + (1 - w) * (img_emb[1] @ txt_emb[1].t())
 
+    def search_units(self, emb, side: str) -> torch.Tensor:
+        """One unit per item whose dot product is the score: [w·v_F, (1 - w)·v_C] for images, [t_F, t_C] for texts."""
+        w = self.options["score_fused_weight"]
+        fused, cons = emb[2], emb[1]
+        if side == "image":
+            fused, cons = w * fused, (1 - w) * cons
+        return torch.cat([fused, cons], 1)[:, None, :]
+
     # -------------------------------------------------------------------------------------- loss
     def embedding_loss(self, img_emb, txt_emb, img_ids, epoch: int):
         v_inst, v_cons, v_fused, s_v = img_emb

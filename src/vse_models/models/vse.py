@@ -50,3 +50,6 @@ class VSE(RetrievalModel):
 
     def similarity(self, img_emb: torch.Tensor, txt_emb: torch.Tensor) -> torch.Tensor:
         return img_emb @ txt_emb.t()
+
+    def search_units(self, emb: torch.Tensor, side: str) -> torch.Tensor:
+        return emb[:, None, :]  # one unit: the cosine is their dot product
