@@ -16,6 +16,7 @@ from safetensors.torch import load_file
 
 import vse_kernels as vk
 import vse_models
+from vse_kernels.ops.meta_sim import meta_sim_reference
 from memory import rss_growth_mib
 from utils import env_var
 from vse_models.checkpoint import load_checkpoint, save_checkpoint
@@ -25,7 +26,7 @@ from vse_models.evaluation import encode_split
 from vse_models.gallery import GalleryIndex, GalleryWriter
 from vse_models.models import DataInfo, build_model
 from vse_models.search import main as search_main
-from vse_models.topk import late_interaction, reference_topk, search
+from vse_models.topk import reference_topk, search
 from vse_models.train import main as train_main
 
 REPO = Path(__file__).resolve().parents[1]
@@ -323,7 +324,8 @@ def test_search_units_reproduce_every_models_score(tmp_path, monkeypatch):
     for name, model in models.items():
         img, txt = encode_split(model.eval(), dev)
         with torch.no_grad():
-            units = late_interaction(model.search_units(img, "image"), model.search_units(txt, "text"))
+            units = meta_sim_reference(model.search_units(img, "image"), model.search_units(txt, "text"),
+                                       normalize=False)
             torch.testing.assert_close(units, model.similarity(img, txt), rtol=1e-5, atol=1e-5, msg=name)
 
 

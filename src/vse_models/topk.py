@@ -150,9 +150,3 @@ def reference_topk(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Te
         raise NonFiniteError("reference_topk: non-finite scores")
     vals, idx = torch.sort(scores, dim=1, descending=True, stable=True)
     return vals[:, :k], idx[:, :k]
-
-
-def late_interaction(img_units: torch.Tensor, txt_units: torch.Tensor) -> torch.Tensor:
-    """(Ni, Nt) = sum_j max_i <img_units[a, i], txt_units[b, j]> of (Ni, M, d) and (Nt, Q, d) units, by einsum
-    (small inputs only: it builds the (Ni, Nt, M, Q) tensor). The scores every model's `search_units` reproduce."""
-    return torch.einsum("amd,bqd->abmq", img_units, txt_units).amax(2).sum(2)

@@ -29,7 +29,8 @@ lookup. The trainer and `vse-eval` use only this contract, so a new model never 
   `embedding_loss`, not `loss`, so that distributed training sees the whole loss.
 - `search_units(emb, side)`: optional, for FAISS candidate generation (`vse_models.ann`): (N, U, d) units of
   image (side="image") or text embeddings such that `similarity(img, txt)[a, b]` equals
-  `sum_j max_i <img_units[a, i], txt_units[b, j]>` (`topk.late_interaction`; U = 1 for one-vector scores).
+  `sum_j max_i <img_units[a, i], txt_units[b, j]>` (`meta_sim_reference(..., normalize=False)`; U = 1 for
+  one-vector scores).
 - `has_unused_parameters`: set True when some parameters can get no gradient in a step (tells DDP).
 - `param_groups(lr)` and `make_scheduler(optimizer, config, steps_per_epoch)`: optional; the defaults are
   one group and MultiStepLR(config lr_milestones, lr_gamma). The scheduler is stepped once per epoch
