@@ -4,7 +4,8 @@
 
 from the repository root. Stages, each stopped at its time budget (seconds, BUDGETS; < 8 minutes in all):
 build (--build: `BUILD_COMMAND`, sm_90 only; otherwise printed), the CUDA tests (`pytest -m cuda`),
-meta_sim, attention, hinge loss, one AVSE and one MH-CVSE training step. Everything is timed in this one
+meta_sim (and its kernel variants), attention, hinge loss (and the largest batch within 4 GiB), search
+(streamed top-k vs the full matrix), one AVSE and one MH-CVSE training step. Everything is timed in this one
 process, so the ratios compare like with like. After every stage DIR/gpu_check.json and DIR/gpu_check.md
 are rewritten, so a run stopped anywhere still leaves what it measured. A failing case is recorded (its
 error) and the run goes on.
@@ -31,7 +32,8 @@ from pathlib import Path
 BENCH = Path(__file__).resolve().parent
 ROOT = BENCH.parent
 BUILD_COMMAND = "MAX_JOBS=16 TORCH_CUDA_ARCH_LIST=9.0 VSE_KERNELS_CUDA=1 pip install --no-build-isolation --no-deps ."
-BUDGETS = {"build": 150, "tests": 90, "meta_sim": 100, "attention": 45, "hinge_loss": 30, "models": 35}  # 450 s
+BUDGETS = {"build": 145, "tests": 85, "meta_sim": 100, "attention": 45, "hinge_loss": 30, "search": 15,
+           "models": 35}  # 455 s
 GRACE = 3   # seconds a stage may run past its budget before the alarm stops it (cases check the budget first)
 
 
@@ -124,7 +126,7 @@ class Run:
 
 
 def _cells(row: dict) -> list[str]:
-    rate = next((f"{row[k]:.1f} {k}" for k in ("TFLOPs", "GBps", "samples_per_s") if k in row), "")
+    rate = next((f"{row[k]:.1f} {k}" for k in ("TFLOPs", "GBps", "samples_per_s", "queries_per_s") if k in row), "")
     if "peak_gib" in row:
         rate += f", peak {row['peak_gib']:.2f} GiB"
     if "largest_batch" in row:
@@ -310,6 +312,25 @@ def largest_batch_within(run: Run, limit_gib: float):
                              largest_batch=fits))
 
 
+def search(run: Run):
+    """Text-to-image search with AVSE's score: the streamed top-k of vse_models.topk (chunks of the gallery
+    scored by meta_sim, a running top-k kept on the device) against scoring the whole gallery at once and
+    torch.topk (holds the Nq x Ng matrix)."""
+    import torch
+    import torch.nn.functional as F
+    import vse_kernels as vk
+    from vse_models.topk import search as streamed_search
+
+    n, queries, k = (64, 8, 5) if run.dry else (200_000, 1000, 10)   # grid setting: 8 units of 256 per image
+    gallery = F.normalize(torch.randn(n, 8, 256, device=run.device), dim=-1)
+    texts = F.normalize(torch.randn(queries, 4, 256, device=run.device), dim=-1)
+    case = f"{queries} texts x {n} images, k={k}"
+    run.measure("search", case, "streamed top-k", lambda: streamed_search(texts, gallery, k, score=vk.meta_sim),
+                iters=1 if run.dry else 3, work=queries, unit="queries_per_s", ours="streamed top-k")
+    run.measure("search", case, "full matrix + torch.topk", lambda: vk.meta_sim(gallery, texts).t().topk(k, dim=1),
+                iters=1 if run.dry else 3, work=queries, unit="queries_per_s", ours="streamed top-k")
+
+
 def models(run: Run):
     import bench_avse
     import bench_mhcvse
@@ -342,7 +363,7 @@ def main(argv=None) -> int:
     run = Run(args.out, args.dry_run)
     run.stage("build", lambda r: build(r, args.build))
     for name, fn in [("tests", cuda_tests), ("meta_sim", meta_sim), ("attention", attention),
-                     ("hinge_loss", hinge_loss), ("models", models)]:
+                     ("hinge_loss", hinge_loss), ("search", search), ("models", models)]:
         run.stage(name, fn)
     print(f"wrote {args.out / 'gpu_check.md'} and {args.out / 'gpu_check.json'}")
     return 0 if all(s["status"].startswith(("done", "skipped", "passed")) for s in run.stages.values()) else 1

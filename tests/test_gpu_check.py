@@ -16,12 +16,12 @@ def test_gpu_check_dry_run(tmp_path):
                             cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
     data = json.loads((tmp_path / "gpu_check.json").read_text())
-    assert set(data["stages"]) == {"build", "tests", "meta_sim", "attention", "hinge_loss", "models"}
+    assert set(data["stages"]) == {"build", "tests", "meta_sim", "attention", "hinge_loss", "search", "models"}
     assert all(not s["status"].startswith("failed") for s in data["stages"].values()), data["stages"]
     # every stage measured our op and its references (the CPU run has no SDPA flash/efficient backends)
-    for stage in ("meta_sim", "attention", "hinge_loss", "models"):
+    for stage in ("meta_sim", "attention", "hinge_loss", "search", "models"):
         rows = [r for r in data["rows"] if r["stage"] == stage]
-        assert rows and any("ms" in r for r in rows if r["impl"] in ("vse_kernels", "kernels")), stage
+        assert rows and any("ms" in r for r in rows if r["impl"] in ("vse_kernels", "kernels", "streamed top-k")), stage
     # the kernel variants timed beside the default (issue 16), each where it applies
     impls = {r["impl"] for r in data["rows"] if r["stage"] == "meta_sim" and "ms" in r}
     assert {"vse_kernels [split_units]", "vse_kernels [problem_tiles]", "vse_kernels [backward_splits=auto]",
