@@ -3,6 +3,7 @@
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 
@@ -15,10 +16,16 @@ TINY = ["--synthetic", "n_train=40", "--synthetic", "n_dev=10", "--synthetic", "
         "--option", "embed_size=16", "--option", "word_dim=8", "--batch-size", "20", "--threads", "1"]
 
 
+def _default_sigint():
+    # A runner started in the background by a non-interactive shell (`pytest &`) ignores SIGINT, and Python
+    # keeps an inherited SIG_IGN: the simulated Ctrl-C would do nothing. The child gets the default back.
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _train(args, tmp_path, **env):
     env = {**os.environ, "VSE_DATA_CACHE": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1", **env}
     return subprocess.run([sys.executable, "-m", "vse_models.train", *TINY, *args], env=env, cwd=tmp_path,
-                          capture_output=True, text=True, timeout=300)
+                          capture_output=True, text=True, timeout=300, preexec_fn=_default_sigint)
 
 
 @pytest.mark.slow
