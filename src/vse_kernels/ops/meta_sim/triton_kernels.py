@@ -328,7 +328,10 @@ _FORWARD_CONFIGS = [(128, 128, 64, 8, 3), (128, 128, 64, 4, 4), (128, 256, 64, 8
 
 
 @functools.cache
-def _tuned_forward(mp: int, qp: int, half: bool, precision: str, min_bi: int = 1):
+def _tuned_forward(mp: int, qp: int, half: bool, precision: str, mp2: int = 0):
+    """The autotuned forward for one (padded M, padded Q, dtype, precision, split_units row group): its own
+    Autotuner, so a config tuned for one variant is never reused for another."""
+    min_bi = 16 // mp2 if mp2 else 1
     configs, seen = [], set()
     for rows, cols, bk, warps, stages in _FORWARD_CONFIGS:
         if precision == "tf32x3" and not (rows == cols == 128 and warps == 8):
@@ -405,7 +408,7 @@ def meta_sim_forward(img: torch.Tensor, txt: torch.Tensor, with_argmax: bool, *,
     rows = _pow2(m + 1) // 2 if mp2 else _pow2(m)   # MP: the first row group (all of it, unsplit)
     if AUTOTUNE and not INTERPRET and tile_rows is None and tile_cols is None and 2 * ni * nt * m * q * d >= 2**32:
         mp, qp = _pow2(m), _pow2(q)
-        kernel = _tuned_forward(mp, qp, half, flags["PRECISION"], min_bi)
+        kernel = _tuned_forward(mp, qp, half, flags["PRECISION"], mp2)
         _launch(kernel, lambda meta: (triton.cdiv(ni, meta["BI"]) * triton.cdiv(nt, meta["BT"]),), *args,
                 MP=rows, QP=qp, **flags)
         return _with_nan(scores, img, txt), argmax
