@@ -94,9 +94,9 @@ def _read_config_file(path: str) -> dict:
     return cfg
 
 
-def _preset(model: str) -> dict:
+def _preset(model: str, data: str = "synthetic") -> dict:
     try:
-        text = resources.files("vse_models").joinpath("configs", f"{model}-synthetic.toml").read_text()
+        text = resources.files("vse_models").joinpath("configs", f"{model}-{data}.toml").read_text()
     except (FileNotFoundError, OSError):
         return {}
     import tomllib
@@ -186,8 +186,8 @@ def resolve_config(args) -> dict:
     data = cli.get("data", file_cfg.get("data", DEFAULTS["data"]))
     cls = get_model_class(model)
     cfg = _merge(DEFAULTS, {"model": model, **cls.recipe})
-    if data == "synthetic":
-        cfg = _merge(cfg, _preset(model))
+    if data in ("synthetic", "synthetic-images"):
+        cfg = _merge(cfg, _preset(model, data))
     cfg = _merge(_merge(cfg, file_cfg), cli)
     if cfg["out"] is None:
         cfg["out"] = str(Path("runs") / f"{cfg['model']}-{Path(cfg['data']).stem}")
@@ -256,6 +256,14 @@ def data_root(cfg: dict, verbose: bool = True) -> Path:
         raise FileNotFoundError(f"--data: folder not found: {root} (expected the SCAN precomp layout, "
                                 f"e.g. data/f30k_precomp with train_ims.npy, train_caps.txt, ...)")
     return root
+
+
+def with_data_paths(options: dict, root: Path) -> dict:
+    """Model options with "{data}" in a backbone path replaced by the data folder (the synthetic-images presets'
+    text backbone is `{data}/bert`, written beside the images)."""
+    folder = root if root.is_dir() else root.parent
+    return {k: v.replace("{data}", str(folder)) if isinstance(v, str) and k in ("text_backbone", "image_weights") else v
+            for k, v in options.items()}
 
 
 def image_options(run: dict) -> ImageOptions:
@@ -537,6 +545,7 @@ def _train(cfg: dict, resume: bool, ctx: distributed.Context, run: dict) -> dict
     root = data_root(cfg, verbose=ctx.is_main)
     if ctx.is_main:
         distributed.barrier(ctx)
+    cfg["model_options"] = with_data_paths(cfg["model_options"], root)
     train_split = load_split(root, "train", None, cfg["features"], run=cfg)
     train_split.on_bad_image = say
     if state is not None:
