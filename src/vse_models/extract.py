@@ -31,15 +31,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .checkpoint import _sha256
+
 KILL_ENV = "VSE_EXTRACT_KILL_AFTER_BATCHES"  # testing hook: SIGKILL this process after N batches
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 22), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _write_json(path: Path, value: dict) -> None:
