@@ -249,7 +249,10 @@ class TextBackbone(nn.Module):
         else:
             model = transformers.AutoModel.from_config(config, **extra)
         if grad_checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            if hasattr(model, "activation_checkpointing_enable"):  # the name since transformers 5
+                model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+            else:
+                model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         self.model, self.folder = model, str(path)
         self.hidden_size = int(config.hidden_size)
         limits = [getattr(config, "max_position_embeddings", None), getattr(self.tokenizer, "model_max_length", None)]
