@@ -159,7 +159,9 @@ def encode_split(model, split: Split, batch_size: int = 256, device=None, autoca
     model.eval()  # older code evaluated in train mode (dropout, BatchNorm statistics)
     try:
         with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-            imgs = [model.encode_images(batch.to(device)) for batch in split.image_batches(batch_size)]
+            batches = (split.image_batches(batch_size) if hasattr(split, "image_batches")  # raw images: workers
+                       else (split.image_batch(idx) for idx in sequential_batches(split.n_images, batch_size)))
+            imgs = [model.encode_images(batch.to(device)) for batch in batches]
             txts = [model.encode_texts(split.caption_batch(idx).to(device))
                     for idx in sequential_batches(split.n_captions, batch_size)]
     finally:
