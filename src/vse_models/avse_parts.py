@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .layers import GPO, RegionEncoder, l2norm, padding_mask, project_set
+from .layers import GPO, RegionEncoder, drop_set_elements, l2norm, padding_mask, project_set
 
 
 def _floor_ratio(ratio: float, n: torch.Tensor) -> torch.Tensor:
@@ -152,8 +152,9 @@ class RBSEncoder(nn.Module):
 
     def __init__(self, in_dim: int, embed_dim: int, grid_size: int, has_cls: bool = False, num_views: int = 2,
                  keep_train: float = 0.8, keep_eval: float = 0.9, mode: str = "nearest", alpha: float = 4.0,
-                 seed: int = 0, residual_mlp: bool = False, gpo_dim: int = 32):
+                 seed: int = 0, residual_mlp: bool = False, gpo_dim: int = 32, grid_drop: bool = False):
         super().__init__()
+        self.grid_drop = grid_drop
         if mode not in ("nearest", "stochastic"):
             raise ValueError(f"rbs_mode must be 'nearest' or 'stochastic', got {mode!r}")
         self.grid_size, self.has_cls, self.num_views = grid_size, has_cls, num_views
@@ -171,17 +172,33 @@ class RBSEncoder(nn.Module):
         centres = rbs_fixed_centres(img_ids.to(device), self.num_views, n_patches, self.seed)
         return rbs_indices(centres, self.grid_size, self.keep_eval, self.has_cls, "nearest")
 
-    def forward(self, tokens: torch.Tensor, img_ids: torch.Tensor | None = None) -> torch.Tensor:
-        """tokens (B, [1 +] s*s, F) -> views (B, V, D)."""
+    def select(self, tokens: torch.Tensor, img_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """tokens (B, [1 +] s*s, C) -> the tokens of each view (B, V, n, C)."""
         b = tokens.size(0)
         expected = self.grid_size ** 2 + int(self.has_cls)
         if tokens.size(1) != expected:
             raise ValueError(f"grid features must have {expected} tokens per image, got {tokens.size(1)}")
-        x = self.proj(tokens)
-        idx = self.view_indices(b, img_ids, x.device)  # (B, V, n)
-        v, n, d = idx.size(1), idx.size(2), x.size(-1)
-        sel = x[:, None].expand(b, v, x.size(1), d).gather(2, idx[..., None].expand(b, v, n, d))
-        return pool_views(self.pool, sel, torch.full((b,), n, dtype=torch.long, device=x.device))
+        idx = self.view_indices(b, img_ids, tokens.device)  # (B, V, n)
+        v, n, d = idx.size(1), idx.size(2), tokens.size(-1)
+        return tokens[:, None].expand(b, v, tokens.size(1), d).gather(2, idx[..., None].expand(b, v, n, d))
+
+    def pool_selected(self, views: torch.Tensor, project: bool = True) -> torch.Tensor:
+        """(B, V, n, C) view tokens -> (projection) -> (the release's size augmentation) -> GPO -> L2: (B, V, D).
+        `grid_drop` [code] (lib/encoders.py `forward_img_encoder`, training only): per view, 80% of the images
+        drop each token with probability 0.2·u, u ~ U[0, 1) per image and view (the CLS token too)."""
+        x = self.proj(views) if project else views
+        b, v, n, d = x.shape
+        lengths = torch.full((b * v,), n, dtype=torch.long, device=x.device)
+        if self.training and self.grid_drop:
+            u = torch.rand(b * v, device=x.device)
+            flat, lengths = drop_set_elements(x.reshape(b * v, n, d), lengths, torch.where(u > 0.2, 0.2 * u, 0.0))
+            x = flat.view(b, v, n, d)
+        return pool_views(self.pool, x, lengths.view(b, v))
+
+    def forward(self, tokens: torch.Tensor, img_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """tokens (B, [1 +] s*s, F) -> views (B, V, D). The projection acts per token, so it runs once on
+        all tokens before the views are gathered."""
+        return self.pool_selected(self.select(self.proj(tokens), img_ids), project=False)
 
 
 # ------------------------------------------------------------------------------------ AEOM + Sinkhorn

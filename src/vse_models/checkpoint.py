@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from . import backbones
 from .data.vocab import Vocabulary
 from .errors import CheckpointError, NonFiniteError
 from .models import DataInfo, build_model
@@ -172,7 +173,8 @@ def load_checkpoint(path: str | Path, which: str = "best", device="cpu"):
     folder = find_checkpoint(path, which)
     config = read_checkpoint_config(folder)
     try:
-        model = build_model(config["model"], config["model_options"], DataInfo(**config["data_info"]))
+        with backbones.from_checkpoint():  # a backbone's pretrained weights are replaced by the checkpoint's
+            model = build_model(config["model"], config["model_options"], DataInfo(**config["data_info"]))
     except (TypeError, ValueError) as e:
         raise CheckpointError(f"{folder / 'config.json'}: cannot build the model it describes ({e})") from None
     load_weights(model, folder)

@@ -52,7 +52,7 @@ def evaluate_checkpoint(checkpoint, split="test", *, which="best", fold5=False, 
 
     info = DataInfo(**config["data_info"])
     root = data_root(run, verbose=True)
-    s = load_split(root, split, vocab, run["features"], info)
+    s = load_split(root, split, vocab, run["features"], info, run=run)
     return evaluate_split(model, s, fold5=fold5, batch_size=batch_size,
                           autocast_dtype=autocast_dtype(precision, device))
 

@@ -159,16 +159,23 @@ def iter_embeddings(model, split: Split, side: str, batch_size: int = 256, devic
     or captions (side="text"), in eval mode (restored afterwards), on `device`: a gallery is encoded
     without holding it all."""
     device = torch.device(device) if device is not None else next(model.parameters()).device
-    n, make = ((split.n_images, split.image_batch) if side == "image" else (split.n_captions, split.caption_batch))
+    if side == "image":   # raw-image splits load theirs in DataLoader workers (image_batches)
+        batches = (split.image_batches(batch_size) if hasattr(split, "image_batches")
+                   else (split.image_batch(idx) for idx in sequential_batches(split.n_images, batch_size)))
+        encode = model.encode_images
+    else:
+        batches = (split.caption_batch(idx) for idx in sequential_batches(split.n_captions, batch_size))
+        encode = model.encode_texts
     was_training = model.training
     model.eval()  # older code evaluated in train mode (dropout, BatchNorm statistics)
     try:
-        batches = sequential_batches(n, batch_size)
-        for idx in (progress(batches) if progress else batches):
+        start = 0
+        for batch in (progress(batches) if progress else batches):
             with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-                emb = (model.encode_images if side == "image" else model.encode_texts)(make(idx).to(device))
+                emb = encode(batch.to(device))
             # Scores are computed in float32 outside autocast, whatever precision the encoders ran in.
-            yield int(idx[0]), _float(emb)
+            yield start, _float(emb)
+            start += len(batch)
     finally:
         model.train(was_training)
 

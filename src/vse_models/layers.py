@@ -156,14 +156,16 @@ class BiGRUTextEncoder(nn.Module):
         return (out[..., :half] + out[..., half:]) / 2
 
 
-def drop_set_elements(features: torch.Tensor, lengths: torch.Tensor, p: float,
+def drop_set_elements(features: torch.Tensor, lengths: torch.Tensor, p: float | torch.Tensor,
                       generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Training augmentation of VSE∞: drops each valid set element with probability p (keeping at least
-    one), packs the kept elements first and returns (features, new lengths). Order is preserved."""
-    if p <= 0:
+    """Training augmentation of VSE∞: drops each valid set element with probability p (a number, or a (B,)
+    tensor: one probability per set) keeping at least one, packs the kept elements first and returns
+    (features, new lengths). Order is preserved."""
+    if not isinstance(p, torch.Tensor) and p <= 0:
         return features, lengths
     b, n, _ = features.shape
     valid = ~padding_mask(lengths, n)
+    p = p[:, None] if isinstance(p, torch.Tensor) else p
     keep = (torch.rand(b, n, device=features.device, generator=generator) >= p) & valid
     keep[:, 0] |= keep.sum(1) == 0  # never an empty set
     new_lengths = keep.sum(1)

@@ -15,6 +15,7 @@ metrics.csv, loss.png, rsum.png, tensorboard/ (when installed), metrics.json (te
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import csv
 import json
@@ -29,10 +30,11 @@ from pathlib import Path
 
 import torch
 
-from . import distributed
+from . import backbones, distributed
 from .checkpoint import (check_finite_state, load_train_state, load_weights, read_checkpoint_config,
                          read_checkpoint_json, read_json, resolve, save_checkpoint, verified)
 from .data import Split, SyntheticConfig, Vocabulary, ensure_synthetic, shuffled_batches
+from .data.images import BadImageError, ImageOptions, ImageSplit, is_raw_image_data
 from .errors import NonFiniteError
 from .evaluation import evaluate_split, format_table
 from .models import DataInfo, available_models, build_model, get_model_class, is_finite_number, is_int
@@ -57,6 +59,11 @@ DEFAULTS = {
     "vocab_min_count": 4,
     "vocab": None,             # a SCAN vocab JSON to use instead of building one from train captions
     "test_split": "test",
+    "images": None,            # raw images: the image folder (Karpathy JSON; plain layout: default the data folder)
+    "image_size": 224,         # raw images: side S of the S x S network input
+    "augment": "crop_flip",    # raw images: the release's random crop + flip; "crop" (no flip) or "none"
+    "workers": 2,              # raw images: DataLoader worker processes decoding images (0: in the training process)
+    "bad_images": "error",     # raw images: an unreadable image stops training ("skip": its pairs are left out)
     "progress": True,
     "threads": None,           # CPU threads for torch (None: torch's default, one per core)
     "model_options": {},
@@ -87,9 +94,9 @@ def _read_config_file(path: str) -> dict:
     return cfg
 
 
-def _preset(model: str) -> dict:
+def _preset(model: str, data: str = "synthetic") -> dict:
     try:
-        text = resources.files("vse_models").joinpath("configs", f"{model}-synthetic.toml").read_text()
+        text = resources.files("vse_models").joinpath("configs", f"{model}-{data}.toml").read_text()
     except (FileNotFoundError, OSError):
         return {}
     import tomllib
@@ -125,8 +132,18 @@ def build_parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     a = p.add_argument
     a("--model", help=f"model name, one of {available_models()} (default avse)")
-    a("--data", help="'synthetic' (default: the embedded data set) or a folder in the SCAN precomp layout")
-    a("--features", choices=["regions", "grids"], help="feature files to read (default: the model's)")
+    a("--data", help="'synthetic' (default: the embedded data set), 'synthetic-images' (the same world rendered "
+                     "as images), a folder in the SCAN precomp layout, a folder with {split}_images.txt + "
+                     "{split}_caps.txt, or a Karpathy split JSON (dataset_flickr30k.json)")
+    a("--features", choices=["regions", "grids", "images"], help="what to read (default: the model's; raw-image "
+                                                                 "data: images)")
+    a("--images", help="raw images: the image folder (Karpathy JSON: required; plain layout: default the data folder)")
+    a("--image-size", type=int, help="raw images: network input side (default 224)")
+    a("--augment", choices=["crop_flip", "crop", "none"], help="raw images: training augmentation (default "
+                                                               "crop_flip, the release's)")
+    a("--workers", type=int, help="raw images: image-decoding worker processes (default 2)")
+    a("--bad-images", choices=["error", "skip"], help="raw images: an unreadable training image stops the run "
+                                                      "(error, default) or its pairs are left out (skip)")
     a("--epochs", type=int)
     a("--batch-size", type=int)
     a("--lr", type=float)
@@ -169,11 +186,17 @@ def resolve_config(args) -> dict:
     data = cli.get("data", file_cfg.get("data", DEFAULTS["data"]))
     cls = get_model_class(model)
     cfg = _merge(DEFAULTS, {"model": model, **cls.recipe})
-    if data == "synthetic":
-        cfg = _merge(cfg, _preset(model))
+    if data in ("synthetic", "synthetic-images"):
+        cfg = _merge(cfg, _preset(model, data))
     cfg = _merge(_merge(cfg, file_cfg), cli)
     if cfg["out"] is None:
-        cfg["out"] = str(Path("runs") / f"{cfg['model']}-{Path(cfg['data']).name}")
+        cfg["out"] = str(Path("runs") / f"{cfg['model']}-{Path(cfg['data']).stem}")
+    if is_raw_image_data(cfg["data"]):  # raw images: the model's image side is a backbone
+        if cfg["features"] not in (None, "images"):
+            raise ValueError(f"--features {cfg['features']}: --data {cfg['data']} holds raw images (use --features "
+                             f"images, or vse-extract to precompute grids)")
+        cfg["features"] = "images"
+        cfg["model_options"] = {**cfg["model_options"], "features": "images"}
     cls.resolve_options(cfg["model_options"])  # fail early on unknown or mistyped model options
     if cfg["features"] is None:
         cfg["features"] = cls.features_for(cfg["model_options"])
@@ -197,7 +220,12 @@ _RUN_CHECKS = {
     "vocab_min_count": (lambda v: is_int(v) and v >= 1, "an integer >= 1"),
     "precision": (lambda v: v in ("fp32", "bf16", "fp16"), "one of fp32, bf16, fp16"),
     "optimizer": (lambda v: v in ("adam", "adamw"), "adam or adamw"),
-    "features": (lambda v: v in ("regions", "grids"), "regions or grids"),
+    "features": (lambda v: v in ("regions", "grids", "images"), "regions, grids or images"),
+    "image_size": (lambda v: is_int(v) and v >= 8, "an integer >= 8"),
+    "workers": (lambda v: is_int(v) and v >= 0, "an integer >= 0"),
+    "augment": (lambda v: v in ("crop_flip", "crop", "none"), "crop_flip, crop or none"),
+    "bad_images": (lambda v: v in ("error", "skip"), "error or skip"),
+    "images": (lambda v: v is None or isinstance(v, str), "a folder"),
     "progress": (lambda v: isinstance(v, bool), "true or false"),
     "device": (lambda v: isinstance(v, str), "a device name"),
     "data": (lambda v: isinstance(v, str), "'synthetic' or a folder"),
@@ -217,14 +245,37 @@ def validate_run_config(cfg: dict) -> None:
 def data_root(cfg: dict, verbose: bool = True) -> Path:
     if cfg["data"] == "synthetic":
         return ensure_synthetic(SyntheticConfig.from_dict(cfg["synthetic"]), verbose=verbose)
+    if cfg["data"] == "synthetic-images":
+        from .data.synthetic import ensure_synthetic_images
+
+        return ensure_synthetic_images(SyntheticConfig.from_dict(cfg["synthetic"]), verbose=verbose)
     root = Path(cfg["data"]).expanduser()
+    if root.suffix == ".json" and root.is_file():  # a Karpathy split JSON
+        return root
     if not root.is_dir():
         raise FileNotFoundError(f"--data: folder not found: {root} (expected the SCAN precomp layout, "
                                 f"e.g. data/f30k_precomp with train_ims.npy, train_caps.txt, ...)")
     return root
 
 
-def load_split(root: Path, split: str, vocab: Vocabulary | None, features: str, info: DataInfo | None = None) -> Split:
+def with_data_paths(options: dict, root: Path) -> dict:
+    """Model options with "{data}" in a backbone path replaced by the data folder (the synthetic-images presets'
+    text backbone is `{data}/bert`, written beside the images)."""
+    folder = root if root.is_dir() else root.parent
+    return {k: v.replace("{data}", str(folder)) if isinstance(v, str) and k in ("text_backbone", "image_weights") else v
+            for k, v in options.items()}
+
+
+def image_options(run: dict) -> ImageOptions:
+    return ImageOptions(image_size=run.get("image_size", 224), augment=run.get("augment", "crop_flip"),
+                        workers=run.get("workers", 0), bad_images=run.get("bad_images", "error")).check()
+
+
+def load_split(root: Path, split: str, vocab: Vocabulary | None, features: str, info: DataInfo | None = None,
+               run: dict | None = None) -> Split | ImageSplit:
+    if features == "images":
+        run = run or {}
+        return ImageSplit(root, split, vocab, images=run.get("images"), options=image_options(run))
     s = Split(root, split, vocab, features)
     if info is not None and (s.feature_dim != info.feature_dim):
         raise ValueError(f"{s.feature_path}: feature size {s.feature_dim} does not match the model's "
@@ -494,7 +545,9 @@ def _train(cfg: dict, resume: bool, ctx: distributed.Context, run: dict) -> dict
     root = data_root(cfg, verbose=ctx.is_main)
     if ctx.is_main:
         distributed.barrier(ctx)
-    train_split = load_split(root, "train", None, cfg["features"])
+    cfg["model_options"] = with_data_paths(cfg["model_options"], root)
+    train_split = load_split(root, "train", None, cfg["features"], run=cfg)
+    train_split.on_bad_image = say
     if state is not None:
         vocab = Vocabulary.load(verified(last_dir / "vocab.json"))
     elif cfg["vocab"]:
@@ -503,12 +556,14 @@ def _train(cfg: dict, resume: bool, ctx: distributed.Context, run: dict) -> dict
         vocab = Vocabulary.build(train_split.captions, cfg["vocab_min_count"])
     train_split.set_vocab(vocab)
     info = DataInfo(vocab_size=len(vocab), feature_dim=train_split.feature_dim, set_size=train_split.set_size,
-                    grid_size=train_split.grid_size, captions_per_image=train_split.captions_per_image)
-    dev_split = load_split(root, "dev", vocab, cfg["features"], info)
+                    grid_size=train_split.grid_size, captions_per_image=train_split.captions_per_image,
+                    image_size=getattr(train_split, "image_size", None))
+    dev_split = load_split(root, "dev", vocab, cfg["features"], info, run=cfg)
     # Read now, so that a missing or malformed test split stops the run before training, not after it.
-    test_split = load_split(root, cfg["test_split"], vocab, cfg["features"], info)
+    test_split = load_split(root, cfg["test_split"], vocab, cfg["features"], info, run=cfg)
 
-    model = build_model(cfg["model"], cfg["model_options"], info)
+    with backbones.from_checkpoint() if state is not None else contextlib.nullcontext():
+        model = build_model(cfg["model"], cfg["model_options"], info)  # resumed: the checkpoint has the weights
     model.prepare(train_split)
     model.to(device)
     if ctx.is_main:  # data and model are set up: only now does the run folder change
@@ -569,15 +624,20 @@ def _train(cfg: dict, resume: bool, ctx: distributed.Context, run: dict) -> dict
         gen = torch.Generator().manual_seed(cfg["seed"] * 1_000_003 + epoch)  # same order on resume
         # Global batches of one seeded permutation; each rank takes its slice (a distributed sampler).
         share = slice(ctx.rank * cfg["batch_size"], (ctx.rank + 1) * cfg["batch_size"])
-        batches = _progress([idx[share] for idx in shuffled_batches(train_split.n_captions, global_batch, gen)],
-                            cfg["progress"] and ctx.is_main, desc=f"epoch {epoch + 1}/{cfg['epochs']}")
+        index_batches = [idx[share] for idx in shuffled_batches(train_split.n_captions, global_batch, gen)]
+        batches = _progress(range(len(index_batches)), cfg["progress"] and ctx.is_main,
+                            desc=f"epoch {epoch + 1}/{cfg['epochs']}")
+        loader = train_split.train_batches(index_batches, epoch=epoch, seed=cfg["seed"])
         loss_sum, n_batches, part_sums = 0.0, 0, {}
-        for idx in batches:
+        for _ in batches:
             where = f"epoch {epoch + 1}, step {step + 1}"
             try:
-                batch = train_split.pair_batch(idx).to(device)
-            except NonFiniteError as e:
-                raise NonFiniteError(f"{where}: {e}") from None
+                batch = next(loader, None)
+            except (NonFiniteError, BadImageError) as e:
+                raise type(e)(f"{where}: {e}") from None
+            if batch is None:  # raw images with --bad-images skip: the last batches were left out
+                break
+            batch = batch.to(device)
             with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
                 loss, logs = _loss_step(model, batch, epoch, ctx, ddp_loss)
             loss_value = float(loss.detach())

@@ -124,8 +124,63 @@ def _check_finite_features(feats: np.ndarray, image_index: np.ndarray, path: Pat
         raise NonFiniteError(f"{path}: NaN or infinite features in image(s) {shown}{more}")
 
 
-class Split:
+class CaptionSplit:
+    """What every split shares: captions (k per image, caption c of image c // k), their tokens, batching.
+    Subclasses provide `n_images` and `image_batch(img_idx)`."""
+
+    split: str
+    captions: list[str]
+    captions_per_image: int
+    tokens: list[list[int]] | None = None
+
+    def set_vocab(self, vocab: Vocabulary) -> None:
+        self.vocab = vocab
+        self.tokens = [vocab.encode(c) for c in self.captions]
+
+    @property
+    def n_captions(self) -> int:
+        return len(self.captions)
+
+    def image_of(self, caption_ids) -> np.ndarray:
+        return np.asarray(caption_ids) // self.captions_per_image
+
+    def caption_batch(self, cap_idx) -> Batch:
+        """Captions: package-vocabulary tokens, and the raw strings in `extra["captions"]` (for a model
+        with its own tokenizer, e.g. a BERT text backbone)."""
+        if self.tokens is None:
+            raise RuntimeError(f"split {self.split!r} has no vocabulary: call set_vocab first")
+        cap_idx = np.asarray(cap_idx, dtype=np.int64)
+        tokens, lengths, mask = pad_tokens([self.tokens[i] for i in cap_idx])
+        return Batch(tokens=tokens, lengths=lengths, padding_mask=mask,
+                     img_ids=torch.from_numpy(self.image_of(cap_idx)), caption_ids=torch.from_numpy(cap_idx.copy()),
+                     extra={"captions": [self.captions[i] for i in cap_idx]})
+
+    def pair_batch(self, cap_idx) -> Batch:
+        """Captions with their images (row b: caption cap_idx[b] and image cap_idx[b] // k)."""
+        text = self.caption_batch(cap_idx)
+        return attach_images(text, self.image_batch(text.img_ids.numpy()))
+
+    def train_batches(self, index_batches: list, epoch: int = 0, seed: int = 0) -> Iterator[Batch]:
+        """The training pair batches of `index_batches` (caption indices), in order. Raw-image splits load
+        them in DataLoader workers with the training augmentation seeded by (seed, epoch, caption)."""
+        for idx in index_batches:
+            yield self.pair_batch(idx)
+
+    def image_batches(self, batch_size: int) -> Iterator[Batch]:
+        """All images in order, in batches (evaluation)."""
+        for idx in sequential_batches(self.n_images, batch_size):
+            yield self.image_batch(idx)
+
+
+def attach_images(text: Batch, images: Batch) -> Batch:
+    text.images, text.image_lengths, text.grid_size = images.images, images.image_lengths, images.grid_size
+    return text
+
+
+class Split(CaptionSplit):
     """One split of a precomputed data folder: memory-mapped features + tokenised captions."""
+
+    kind_of_data = "features"
 
     def __init__(self, root: str | Path, split: str, vocab: Vocabulary | None = None, features: str = "regions"):
         if features not in FEATURE_FILES:
@@ -162,17 +217,9 @@ class Split:
         if vocab is not None:
             self.set_vocab(vocab)
 
-    def set_vocab(self, vocab: Vocabulary) -> None:
-        self.vocab = vocab
-        self.tokens = [vocab.encode(c) for c in self.captions]
-
     @property
     def n_images(self) -> int:
         return len(self.images)
-
-    @property
-    def n_captions(self) -> int:
-        return len(self.captions)
 
     @property
     def feature_dim(self) -> int:
@@ -181,9 +228,6 @@ class Split:
     @property
     def set_size(self) -> int:
         return int(self.images.shape[1]) + (self.cls is not None)
-
-    def image_of(self, caption_ids) -> np.ndarray:
-        return np.asarray(caption_ids) // self.captions_per_image
 
     def _gather_images(self, img_idx: np.ndarray) -> torch.Tensor:
         # Sorted unique reads from the memory map, then scatter back: cheap on a cold page cache.
@@ -202,20 +246,6 @@ class Split:
         return Batch(images=images, image_lengths=torch.full((len(img_idx),), self.set_size, dtype=torch.long),
                      img_ids=torch.from_numpy(img_idx.copy()), grid_size=self.grid_size)
 
-    def caption_batch(self, cap_idx) -> Batch:
-        if self.tokens is None:
-            raise RuntimeError(f"split {self.split!r} has no vocabulary: call set_vocab first")
-        cap_idx = np.asarray(cap_idx, dtype=np.int64)
-        tokens, lengths, mask = pad_tokens([self.tokens[i] for i in cap_idx])
-        return Batch(tokens=tokens, lengths=lengths, padding_mask=mask,
-                     img_ids=torch.from_numpy(self.image_of(cap_idx)), caption_ids=torch.from_numpy(cap_idx.copy()))
-
-    def pair_batch(self, cap_idx) -> Batch:
-        """Captions with their images (row b: caption cap_idx[b] and image cap_idx[b] // k)."""
-        text = self.caption_batch(cap_idx)
-        images = self.image_batch(text.img_ids.numpy())
-        text.images, text.image_lengths, text.grid_size = images.images, images.image_lengths, images.grid_size
-        return text
 
 
 def shuffled_batches(n: int, batch_size: int, generator: torch.Generator, drop_last: bool = True) -> Iterator[np.ndarray]:

@@ -176,22 +176,30 @@ def _caption(rng, cfg, world: _World, scene) -> str:
     return text + " ."
 
 
-def _write_split(root: Path, split: str, n: int, code: int, cfg: SyntheticConfig, world: _World) -> None:
+def _split_scenes(n: int, code: int, cfg: SyntheticConfig, world: _World):
+    """(scene, region features, grid features, captions) of each image of a split, in order (one stream of
+    random numbers: the rendered-image set draws the very same scenes and captions)."""
     rng = np.random.default_rng([cfg.seed, code])
-    ims = np.lib.format.open_memmap(root / f"{split}_ims.npy", mode="w+", dtype=np.float32,
-                                    shape=(n, cfg.n_regions, cfg.feat_dim))
-    grids = np.lib.format.open_memmap(root / f"{split}_grids.npy", mode="w+", dtype=np.float32,
-                                      shape=(n, cfg.grid_size, cfg.grid_size, cfg.feat_dim))
-    captions, base = [], None
+    base = None
     for k in range(n):
         if k % cfg.family_size == 0:
             base = _scene(rng, cfg)
             scene = base
         else:
             scene = _variant(rng, cfg, base)
-        ims[k] = _regions(rng, cfg, world, scene)
-        grids[k] = _grid(rng, cfg, world, scene)
-        captions += [_caption(rng, cfg, world, scene) for _ in range(cfg.captions_per_image)]
+        regions, grid = _regions(rng, cfg, world, scene), _grid(rng, cfg, world, scene)
+        yield scene, regions, grid, [_caption(rng, cfg, world, scene) for _ in range(cfg.captions_per_image)]
+
+
+def _write_split(root: Path, split: str, n: int, code: int, cfg: SyntheticConfig, world: _World) -> None:
+    ims = np.lib.format.open_memmap(root / f"{split}_ims.npy", mode="w+", dtype=np.float32,
+                                    shape=(n, cfg.n_regions, cfg.feat_dim))
+    grids = np.lib.format.open_memmap(root / f"{split}_grids.npy", mode="w+", dtype=np.float32,
+                                      shape=(n, cfg.grid_size, cfg.grid_size, cfg.feat_dim))
+    captions = []
+    for k, (_, regions, grid, caps) in enumerate(_split_scenes(n, code, cfg, world)):
+        ims[k], grids[k] = regions, grid
+        captions += caps
     ims.flush()
     grids.flush()
     del ims, grids
@@ -213,19 +221,23 @@ def generate(cfg: SyntheticConfig, root: str | Path) -> Path:
 
 
 def ensure_synthetic(cfg: SyntheticConfig | dict | None = None, cache_dir: str | Path | None = None,
-                     verbose: bool = False) -> Path:
+                     verbose: bool = False, kind: str = "features") -> Path:
     """The folder of the synthetic set `cfg` under the cache, generated on first use (atomically:
-    written to a temporary folder, then renamed, so an interrupted generation is never reused)."""
+    written to a temporary folder, then renamed, so an interrupted generation is never reused).
+    kind "images": the same world rendered as images (`ensure_synthetic_images`)."""
     cfg = cfg if isinstance(cfg, SyntheticConfig) else SyntheticConfig.from_dict(cfg)
     cache = Path(cache_dir) if cache_dir else default_cache_dir()
-    root = cache / f"synthetic-{cfg.digest()}"
+    if kind == "images":
+        root, make = cache / f"synthetic-images-v{RENDER_VERSION}-{cfg.digest()}", generate_images
+    else:
+        root, make = cache / f"synthetic-{cfg.digest()}", generate
     if (root / "params.json").is_file():
         return root
     tmp = cache / f".{root.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     if verbose:
         print(f"generating the synthetic data set into {root} ...", flush=True)
-    generate(cfg, tmp)
+    make(cfg, tmp)
     try:
         os.replace(tmp, root)
     except OSError:  # another process finished first
@@ -233,3 +245,119 @@ def ensure_synthetic(cfg: SyntheticConfig | dict | None = None, cache_dir: str |
         if not (root / "params.json").is_file():
             raise
     return root
+
+
+# ---------------------------------------------------------------------------- rendered as images
+RENDER_VERSION = 1
+IMAGE_PX = 48          # rendered image side: 3 column bands of 16 px, 2 object cells of 24 px rows each
+SHAPES = ("square", "disc", "triangle", "cross", "ring", "diamond")
+TEXTURES = ("solid", "horizontal stripes", "vertical stripes", "checks")
+SIZES = (8, 11, 14)    # px
+
+
+def _palette(n: int, lo: float) -> np.ndarray:
+    """n distinct RGB colours: hues around the circle, alternating brightness."""
+    import colorsys
+
+    return np.array([[int(255 * c) for c in colorsys.hsv_to_rgb(i / n, 0.85, 1.0 if i % 2 == 0 else lo)]
+                     for i in range(n)], dtype=np.float32)
+
+
+def _shape_mask(shape: str, s: int) -> np.ndarray:
+    y, x = np.mgrid[0:s, 0:s] + 0.5
+    c, r = s / 2, np.hypot(np.mgrid[0:s, 0:s][0] + 0.5 - s / 2, np.mgrid[0:s, 0:s][1] + 0.5 - s / 2)
+    return {"square": np.ones((s, s), bool), "disc": r <= c, "triangle": y >= s - 2 * np.abs(x - c) * 1.0,
+            "cross": (np.abs(x - c) < s / 5) | (np.abs(y - c) < s / 5), "ring": (r <= c) & (r >= 0.55 * c),
+            "diamond": np.abs(x - c) + np.abs(y - c) <= c}[shape]
+
+
+def _texture_mask(texture: str, s: int) -> np.ndarray:
+    y, x = np.mgrid[0:s, 0:s]
+    return {"solid": np.ones((s, s), bool), "horizontal stripes": (y // 2) % 2 == 0,
+            "vertical stripes": (x // 2) % 2 == 0, "checks": ((x // 2) + (y // 2)) % 2 == 0}[texture]
+
+
+def render_scene(scene, cfg: SyntheticConfig, rng: np.random.Generator, px: int = IMAGE_PX) -> np.ndarray:
+    """(px, px, 3) uint8: the background type as a noisy colour; each object [type, attribute, group] in
+    its group's column band, one cell per object (top / bottom half), at a random place inside it.
+    Type t: shape SHAPES[t % 6], colour palette[t // 6] (so 120 types = 6 shapes x 20 colours);
+    attribute a: size SIZES[a % 3], texture TEXTURES[(a // 3) % 4] (the off texels darkened)."""
+    colours = _palette(max(1, -(-cfg.n_object_types // len(SHAPES))), 0.55)
+    backgrounds = _palette(cfg.n_background, 0.6) * 0.35
+    img = np.empty((px, px, 3), np.float32)
+    img[:] = backgrounds[int(rng.integers(cfg.n_background))]
+    band = px / cfg.n_groups
+    cell = px / cfg.objects_per_group
+    slots: dict[int, int] = {}
+    for t, a, g in scene:
+        k = slots.get(g, 0)
+        slots[g] = k + 1
+        s = min(SIZES[a % len(SIZES)], int(band), int(cell))
+        x0 = int(g * band) + int(rng.integers(0, max(1, int(band) - s + 1)))
+        y0 = int(k * cell) + int(rng.integers(0, max(1, int(cell) - s + 1)))
+        mask = _shape_mask(SHAPES[t % len(SHAPES)], s)
+        colour = colours[t // len(SHAPES)]
+        tex = _texture_mask(TEXTURES[(a // len(SIZES)) % len(TEXTURES)], s)
+        patch = np.where(tex[..., None], colour, colour * 0.35)
+        view = img[y0:y0 + s, x0:x0 + s]
+        view[mask] = patch[mask]
+    img += rng.normal(0, 10, img.shape)
+    return np.clip(img, 0, 255).astype(np.uint8)
+
+
+def generate_images(cfg: SyntheticConfig, root: str | Path) -> Path:
+    """The synthetic world rendered as PNG images in the plain raw-image layout (`{split}_images.txt`,
+    `{split}_caps.txt`, `{split}_ids.txt`, `images/`), the same scenes and captions as `generate`, plus
+    `bert/`: a small BERT configuration (2 layers, hidden 64) with random weights and a word-level
+    tokenizer of the world's words (written with save_pretrained), the text backbone of the presets."""
+    from PIL import Image
+
+    root = Path(root)
+    (root / "images").mkdir(parents=True, exist_ok=True)
+    world = _World(cfg)
+    words: set[str] = set()
+    for code, (split, n) in enumerate((("train", cfg.n_train), ("dev", cfg.n_dev), ("test", cfg.n_test)), 1):
+        if n < 1:
+            raise ValueError(f"synthetic split {split!r} needs at least one image, got {n}")
+        names, captions = [], []
+        for k, (scene, _, _, caps) in enumerate(_split_scenes(n, code, cfg, world)):
+            name = f"images/{split}-{k:06d}.png"
+            Image.fromarray(render_scene(scene, cfg, np.random.default_rng([cfg.seed, code, k, 7]))).save(root / name)
+            names.append(name)
+            captions += caps
+        for c in captions:
+            words.update(c.split())
+        (root / f"{split}_images.txt").write_text("\n".join(names) + "\n")
+        (root / f"{split}_caps.txt").write_text("\n".join(captions) + "\n", encoding="utf-8")
+        (root / f"{split}_ids.txt").write_text("\n".join(f"{split}-{k:06d}" for k in range(n)) + "\n")
+    write_small_bert(root / "bert", sorted(words), seed=cfg.seed)
+    (root / "params.json").write_text(json.dumps({"generator_version": GENERATOR_VERSION, "render_version": RENDER_VERSION,
+                                                  "image_px": IMAGE_PX, **asdict(cfg)}, indent=1))
+    return root
+
+
+def write_small_bert(folder: Path, words: list[str], hidden: int = 64, layers: int = 2, heads: int = 2,
+                     seed: int = 0) -> Path:
+    """A small BERT (random weights, seeded) with a word-level WordPiece vocabulary, via save_pretrained."""
+    import torch
+    from transformers import BertConfig, BertModel, BertTokenizerFast
+
+    folder.mkdir(parents=True, exist_ok=True)
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + [w for w in words if w not in ("[PAD]", "[UNK]")]
+    (folder / "vocab.txt").write_text("\n".join(vocab) + "\n", encoding="utf-8")
+    state = torch.random.get_rng_state()
+    torch.manual_seed(seed)
+    try:
+        model = BertModel(BertConfig(vocab_size=len(vocab), hidden_size=hidden, num_hidden_layers=layers,
+                                     num_attention_heads=heads, intermediate_size=2 * hidden, max_position_embeddings=64))
+    finally:
+        torch.random.set_rng_state(state)
+    model.save_pretrained(folder)
+    BertTokenizerFast(str(folder / "vocab.txt")).save_pretrained(folder)
+    return folder
+
+
+def ensure_synthetic_images(cfg: SyntheticConfig | dict | None = None, cache_dir: str | Path | None = None,
+                            verbose: bool = False) -> Path:
+    """The rendered-image synthetic set of `cfg` under the cache (`synthetic-images-v<render>-<hash>`)."""
+    return ensure_synthetic(cfg, cache_dir, verbose, kind="images")

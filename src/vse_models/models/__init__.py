@@ -51,7 +51,7 @@ from torch import nn
 from ..losses import hinge_triplet_loss, hinge_triplet_loss_embeddings
 
 _REGISTRY: dict[str, type["RetrievalModel"]] = {}
-COMMON_OPTION_CHOICES = {"backend": ("kernels", "reference"), "features": ("regions", "grids")}
+COMMON_OPTION_CHOICES = {"backend": ("kernels", "reference"), "features": ("regions", "grids", "images")}
 _IMPORT_ERRORS: dict[str, str] = {}
 
 
@@ -64,6 +64,7 @@ class DataInfo:
     set_size: int
     grid_size: int | None = None
     captions_per_image: int = 5
+    image_size: int | None = None   # raw images (features "images"): the S x S network input
 
     def to_dict(self) -> dict:
         return asdict(self)

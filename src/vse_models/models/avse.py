@@ -41,14 +41,15 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..backbones import BACKBONE_OPTION_TYPES, BACKBONE_OPTIONS, BackboneMixin
 from ..avse_parts import GroupEncoder, RBSEncoder, aeom_reference, view_regularizer
 from ..layers import GPO, BiGRUTextEncoder, RegionEncoder, drop_set_elements, l2norm, project_set, set_lengths
 from ..losses import hinge_triplet_loss
-from . import RetrievalModel, register_model
+from . import DataInfo, RetrievalModel, register_model
 
 
 @register_model("avse")
-class AVSE(RetrievalModel):
+class AVSE(BackboneMixin, RetrievalModel):
     default_options = {
         "embed_size": 1024,          # D [paper]
         "meta_dim": None,            # unit size; None: D/2 regions, D/4 grids (512 [paper] / 256 [code] at D=1024)
@@ -73,10 +74,15 @@ class AVSE(RetrievalModel):
         "reg_lambda": 0.005,         # [paper] (0.0051 in the code)
         "reg_form": "paper",         # or "code" (C / B)
         "backend": "kernels",        # or "reference" (pure PyTorch)
-        "features": "regions",       # or "grids" (radial bias sampling)
+        "features": "regions",       # or "grids" (radial bias sampling), or "images" (a backbone, see below)
+        "rbs_on": "embeddings",      # image backbone: RBS on the ViT's token embeddings, blocks per view [code];
+                                     # "tokens": on the backbone's output grid (Swin, or a cheaper ViT path)
+        "grid_drop": False,          # [code] the release's size augmentation of each view's tokens
+        **BACKBONE_OPTIONS,
     }
-    option_choices = {"rbs_mode": ("nearest", "stochastic"), "reg_form": ("paper", "code")}
-    option_types = {"meta_dim": int, "num_views": int}
+    option_choices = {"rbs_mode": ("nearest", "stochastic"), "reg_form": ("paper", "code"),
+                      "rbs_on": ("embeddings", "tokens")}
+    option_types = {"meta_dim": int, "num_views": int, **BACKBONE_OPTION_TYPES}
     # Region setting [paper]: AdamW, lr 5e-4, 5e-5 for the last 10 of 25 epochs, batch 128, clip 2.
     recipe = {"optimizer": "adamw", "lr": 5e-4, "batch_size": 128, "epochs": 25, "lr_milestones": [15],
               "lr_gamma": 0.1, "grad_clip": 2.0, "weight_decay": 0.0}
@@ -87,10 +93,20 @@ class AVSE(RetrievalModel):
         o = self.options
         if o["backend"] not in ("kernels", "reference"):
             raise ValueError(f"backend must be 'kernels' or 'reference', got {o['backend']!r}")
-        if o["features"] not in ("regions", "grids"):
-            raise ValueError(f"features must be 'regions' or 'grids', got {o['features']!r}")
+        if o["features"] not in ("regions", "grids", "images"):
+            raise ValueError(f"features must be 'regions', 'grids' or 'images', got {o['features']!r}")
+        self.build_backbones(info)
+        bb = self.image_backbone
+        if bb is not None:  # raw images: the backbone's patch grid (+ CLS) feeds the RBS views
+            info = DataInfo(**{**info.to_dict(), "feature_dim": bb.num_features, "grid_size": bb.grid_size,
+                               "set_size": bb.grid_size ** 2 + int(bb.has_cls)})
+            if o["rbs_on"] == "embeddings":
+                if not bb.is_vit:
+                    raise ValueError(f"rbs_on='embeddings' samples a ViT's token embeddings; {o['image_backbone']!r} "
+                                     f"is not a ViT with a CLS token: use --option rbs_on=tokens")
+                self.has_unused_parameters = True  # the ViT's final norm is not used on this path [code]
         # Grid data (info.grid_size set, e.g. `vse-train --features grids`) always gets RBS views.
-        grids = o["features"] == "grids" or info.grid_size is not None
+        grids = o["features"] in ("grids", "images") or info.grid_size is not None
         d = o["embed_size"]
         self.meta_dim = o["meta_dim"] or (d // 4 if grids else d // 2)  # q = 4 / 2 text units
         self.num_views = o["num_views"] or (2 if grids else 6)
@@ -105,12 +121,17 @@ class AVSE(RetrievalModel):
             self.img_enc = RBSEncoder(info.feature_dim, d, s, has_cls=info.set_size == s * s + 1,
                                       num_views=self.num_views, keep_train=o["rbs_keep_train"],
                                       keep_eval=o["rbs_keep_eval"], mode=o["rbs_mode"], alpha=o["rbs_alpha"],
-                                      seed=o["rbs_seed"], residual_mlp=o["grid_mlp"], gpo_dim=o["gpo_dim"])
+                                      seed=o["rbs_seed"], residual_mlp=o["grid_mlp"], gpo_dim=o["gpo_dim"],
+                                      grid_drop=o["grid_drop"])
         else:
             self.img_enc = GroupEncoder(info.feature_dim, d, self.num_views, o["group_keep"], o["residual_mlp"],
                                         o["gpo_dim"])
-        self.txt_enc = BiGRUTextEncoder(info.vocab_size, o["word_dim"], d, dropout=o["text_dropout"])
-        self.txt_proj = RegionEncoder(d, d, residual_mlp=True)  # fc(x) + MLP(x) [paper]
+        if self.text_backbone is None:
+            self.txt_enc = BiGRUTextEncoder(info.vocab_size, o["word_dim"], d, dropout=o["text_dropout"])
+            self.txt_proj = RegionEncoder(d, d, residual_mlp=True)  # fc(x) + MLP(x) [paper]
+        else:  # [code] EncoderText_BERT: fc(x) + MLP(x) on BERT's token states -> GPO -> LayerNorm
+            self.txt_proj = RegionEncoder(self.text_backbone.hidden_size, d, residual_mlp=True)
+            self.txt_ln = nn.LayerNorm(d)
         self.txt_pool = GPO(o["gpo_dim"], o["gpo_dim"])
         self.dustbin = nn.Parameter(torch.zeros(())) if o["sinkhorn"] else None
 
@@ -118,6 +139,8 @@ class AVSE(RetrievalModel):
     def image_views(self, batch) -> torch.Tensor:
         """(B, V, D) L2-normalised view embeddings."""
         feats = batch.images
+        if self.image_backbone is not None:
+            return self.backbone_views(batch)
         if self.grids:
             return self.img_enc(feats, batch.img_ids)
         lengths = set_lengths(feats, batch.image_lengths)
@@ -125,11 +148,26 @@ class AVSE(RetrievalModel):
             feats, lengths = drop_set_elements(feats, lengths, self.options["region_drop"])
         return self.img_enc(feats, lengths)
 
+    def backbone_views(self, batch) -> torch.Tensor:
+        """Raw images -> (B, V, D). rbs_on "embeddings" [code] (lib/encoders.py `forward_vit`): the views are
+        sampled from the ViT's token embeddings and each view runs through the blocks; "tokens": the whole
+        image runs once and the views are sampled from its output grid."""
+        bb = self.image_backbone
+        if self.options["rbs_on"] == "tokens":
+            return self.img_enc(bb.tokens(batch.images), batch.img_ids)
+        views = self.img_enc.select(bb.embed(batch.images), batch.img_ids)  # (B, V, n, C)
+        b, v, n, c = views.shape
+        return self.img_enc.pool_selected(bb.run_blocks(views.reshape(b * v, n, c)).view(b, v, n, c))
+
     def encode_images(self, batch) -> torch.Tensor:
         views = self.image_views(batch)
         return views.reshape(views.size(0), -1)  # (B, V·D): V·D/meta_dim units per image
 
     def encode_texts(self, batch) -> torch.Tensor:
+        if self.text_backbone is not None:
+            states, lengths = self.text_states(batch)
+            pooled, _ = self.txt_pool(project_set(self.txt_proj, states, lengths), lengths)
+            return l2norm(self.txt_ln(pooled))
         words = project_set(self.txt_proj, self.txt_enc(batch.tokens, batch.lengths), batch.lengths)
         pooled, _ = self.txt_pool(words, batch.lengths)
         return l2norm(pooled)
