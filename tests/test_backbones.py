@@ -234,6 +234,24 @@ def test_a_few_end_to_end_training_steps_then_vse_eval(assets, tmp_path, model, 
     again = evaluate_checkpoint(out, "dev", threads=1)
     assert again == result["dev"]  # the checkpoint (backbones included) evaluates to the same numbers
 
+    # Search from the run: an index of the raw-image test split, text queries through the BERT tokenizer,
+    # and image files through the evaluation transform give the index's own embeddings.
+    import vse_models
+
+    retriever = vse_models.load(out)
+    index = retriever.build_index(tmp_path / "test.safetensors", split="test")
+    hits = retriever.search(index, texts=["a red car on the left", "the blue dog"], k=3)
+    assert hits.indices.shape == (2, 3) and torch.isfinite(hits.scores).all()
+    paths = [assets["data"] / line for line in (assets["data"] / "test_images.txt").read_text().split()[:2]]
+    from PIL import Image
+
+    emb = retriever.encode_images(paths)
+    torch.testing.assert_close(emb, index.images[:2].float(), rtol=1e-5, atol=1e-6)
+    arrays = [np.array(Image.open(p).convert("RGB")) for p in paths]
+    torch.testing.assert_close(retriever.encode_images(arrays), emb)
+    with pytest.raises(ValueError, match="image 0 must be a file path, a PIL image or an"):
+        retriever.encode_images([torch.zeros(3, 32, 32)])
+
 
 def test_synthetic_images_share_the_feature_set_s_captions(tmp_path):
     from vse_models.data.synthetic import ensure_synthetic, ensure_synthetic_images

@@ -76,7 +76,8 @@ class Retriever:
         for s in range(0, len(texts), batch_size):
             tokens, lengths, mask = pad_tokens([self.vocab.encode(t) for t in texts[s:s + batch_size]])
             ids = torch.arange(s, s + len(tokens))
-            batch = Batch(tokens=tokens, lengths=lengths, padding_mask=mask, caption_ids=ids)
+            batch = Batch(tokens=tokens, lengths=lengths, padding_mask=mask, caption_ids=ids,
+                          extra={"captions": texts[s:s + batch_size]})   # a BERT text backbone reads these
             parts.append(self.model.encode_texts(batch.to(self.device)))
         return _float(cat_embeddings(parts))
 
@@ -84,13 +85,22 @@ class Retriever:
         """The words of `text` that the run's vocabulary reads as <unk>."""
         return [w for w in tokenize(text) if self.vocab.word2idx.get(w, UNK) == UNK and any(c.isalnum() for c in w)]
 
+    @property
+    def raw_images(self) -> bool:
+        """True for a run trained on raw images (an image backbone is attached)."""
+        return self.config["run"].get("features") == "images"
+
     @torch.no_grad()
     def encode_images(self, images, ids=None, batch_size: int = 256):
         """Embeddings of precomputed features: (B, K, F) region sets or (B, s, s, C) grids like the run's
-        training data (a `data.Batch` is used as is). `ids` (B,) ints: the image ids, which seed the fixed
-        evaluation views of AVSE's grid model (default 0..B-1, as `vse-eval` numbers a split)."""
+        training data; for a run with an image backbone, a list of image files, PIL images or (H, W, 3) uint8
+        arrays, taken through the run's evaluation transform (a `data.Batch` is used as is). `ids` (B,) ints:
+        the image ids, which seed the fixed evaluation views of AVSE's grid model (default 0..B-1, as
+        `vse-eval` numbers a split)."""
         if isinstance(images, Batch):
             return _float(self.model.encode_images(images.to(self.device)))
+        if self.raw_images:
+            return self._encode_pictures(images, ids, batch_size)
         feats = images.detach().cpu().numpy() if isinstance(images, torch.Tensor) else np.asarray(images)
         info = self.info
         if feats.ndim == 4 and info.grid_size and feats.shape[1] == feats.shape[2] == info.grid_size:
@@ -108,6 +118,34 @@ class Retriever:
             _check_finite_features(chunk, np.arange(s, s + len(chunk)), "encode_images: images")
             batch = Batch(images=torch.from_numpy(chunk), img_ids=ids[s:s + len(chunk)], grid_size=info.grid_size,
                           image_lengths=torch.full((len(chunk),), info.set_size, dtype=torch.long))
+            parts.append(self.model.encode_images(batch.to(self.device)))
+        return _float(cat_embeddings(parts))
+
+    def _encode_pictures(self, images, ids, batch_size: int):
+        from .data.images import decode_image, transform
+        from .train import image_options
+
+        if isinstance(images, (str, Path, np.ndarray)) or not hasattr(images, "__len__"):
+            images = [images]
+        size = image_options(self.config["run"]).image_size
+        ids = torch.arange(len(images)) if ids is None else torch.as_tensor(ids, dtype=torch.long)
+        if ids.shape != (len(images),):
+            raise ValueError(f"encode_images: ids must have shape ({len(images)},), got {tuple(ids.shape)}")
+
+        def pixels(i, image):
+            if isinstance(image, (str, Path)):
+                return decode_image(Path(image))   # BadImageError names the file
+            if hasattr(image, "convert"):          # a PIL image
+                return np.array(image.convert("RGB"))
+            if isinstance(image, np.ndarray) and image.ndim == 3 and image.shape[2] == 3 and image.dtype == np.uint8:
+                return image
+            raise ValueError(f"encode_images: image {i} must be a file path, a PIL image or an (H, W, 3) uint8 "
+                             f"array (this run has an image backbone), got {type(image).__name__}")
+
+        parts = []
+        for s in range(0, len(images), batch_size):
+            chunk = [transform(pixels(s + j, im), size, None) for j, im in enumerate(images[s:s + batch_size])]
+            batch = Batch(images=torch.stack(chunk), img_ids=ids[s:s + len(chunk)])
             parts.append(self.model.encode_images(batch.to(self.device)))
         return _float(cat_embeddings(parts))
 
@@ -140,7 +178,7 @@ class Retriever:
         if data is not None:
             run["data"] = str(data)
         root = data_root(run, verbose=False)
-        s = load_split(root, split, self.vocab, run.get("features", "regions"), self.info)
+        s = load_split(root, split, self.vocab, run.get("features", "regions"), self.info, run=run)
         store = STORAGE_DTYPES[dtype]
         images = iter_embeddings(self.model, s, "image", batch_size, self.device,
                                  progress=_labelled(progress, "images"))
