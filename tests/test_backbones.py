@@ -253,6 +253,26 @@ def test_a_few_end_to_end_training_steps_then_vse_eval(assets, tmp_path, model, 
         retriever.encode_images([torch.zeros(3, 32, 32)])
 
 
+
+@pytest.mark.slow
+def test_torchrun_two_processes_train_avse_with_backbones(assets, tmp_path):
+    """The distributed path works unchanged with backbones: torchrun, 2 CPU processes (gloo), one epoch."""
+    import os
+
+    out = tmp_path / "run"
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+               "-m", "vse_models.train", "--model", "avse", "--data", str(assets["data"]), "--out", str(out),
+               "--epochs", "1", "--batch-size", "5", "--image-size", "32", "--workers", "0", "--device", "cpu",
+               "--no-progress", "--option", f"image_backbone={VIT}", "--option", f"image_weights={assets['vit']}",
+               "--option", "image_backbone_args=" + json.dumps(VIT_ARGS),
+               "--option", f"text_backbone={assets['bert']}", "--option", "embed_size=64"]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600,
+                            env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "x 2 processes (global batch 10)" in result.stdout
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["features"] == "images" and set(metrics["test"]) >= {"rsum", "i2t_r1", "t2i_r1"}
+
 def test_synthetic_images_share_the_feature_set_s_captions(tmp_path):
     from vse_models.data.synthetic import ensure_synthetic, ensure_synthetic_images
 
