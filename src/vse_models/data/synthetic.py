@@ -33,6 +33,7 @@ from pathlib import Path
 import numpy as np
 
 GENERATOR_VERSION = 1
+POSITIVES_FILE = "{split}_positives.npz"  # exact ground truth: eccv_metrics.save_positives / load_positives
 
 NOUNS = """man woman child boy girl dog cat horse cow sheep bird duck car bus bike motorcycle boat train truck
 plane tree flower house door window table chair bed sofa lamp book cup bottle plate bowl ball kite hat
@@ -155,25 +156,73 @@ def _grid(rng, cfg, world: _World, scene) -> np.ndarray:
     return np.maximum(grid, 0)
 
 
-def _phrase(rng, cfg, world: _World, obj) -> str:
+def _phrase(rng, cfg, world: _World, obj) -> tuple[str, int]:
+    """(noun phrase, the attribute it states or -1)."""
     t, a, _ = obj
     noun = world.nouns[t]
     if rng.random() < cfg.attribute_prob:
         adj = world.attributes[a]
-        return f"{'an' if adj[0] in 'aeiou' else 'a'} {adj} {noun}"
-    return f"{'an' if noun[0] in 'aeiou' else 'a'} {noun}"
+        return f"{'an' if adj[0] in 'aeiou' else 'a'} {adj} {noun}", a
+    return f"{'an' if noun[0] in 'aeiou' else 'a'} {noun}", -1
 
 
-def _caption(rng, cfg, world: _World, scene) -> str:
+def _caption(rng, cfg, world: _World, scene) -> tuple[str, tuple]:
+    """(caption text, its claims): two claims (type, attribute or -1, group or -1), one per object it names;
+    a group is stated by the one-group templates (for both objects) and by the "{loc_a} ... {loc_b}" one."""
     i, j = rng.choice(len(scene), size=2, replace=False)
-    a, b = _phrase(rng, cfg, world, scene[i]), _phrase(rng, cfg, world, scene[j])
-    if scene[i][2] == scene[j][2]:
-        text = TEMPLATES_ONE_GROUP[rng.integers(len(TEMPLATES_ONE_GROUP))].format(
-            a=a, b=b, loc=LOCATIONS[scene[i][2]])
+    (a, attr_a), (b, attr_b) = _phrase(rng, cfg, world, scene[i]), _phrase(rng, cfg, world, scene[j])
+    gi, gj = scene[i][2], scene[j][2]
+    if gi == gj:
+        text = TEMPLATES_ONE_GROUP[rng.integers(len(TEMPLATES_ONE_GROUP))].format(a=a, b=b, loc=LOCATIONS[gi])
     else:
-        text = TEMPLATES_TWO_GROUPS[rng.integers(len(TEMPLATES_TWO_GROUPS))].format(
-            a=a, b=b, loc_a=LOCATIONS[scene[i][2]], loc_b=LOCATIONS[scene[j][2]])
-    return text + " ."
+        template = TEMPLATES_TWO_GROUPS[rng.integers(len(TEMPLATES_TWO_GROUPS))]
+        text = template.format(a=a, b=b, loc_a=LOCATIONS[gi], loc_b=LOCATIONS[gj])
+        if "{loc_a}" not in template:
+            gi = gj = -1
+    return text + " .", ((scene[i][0], attr_a, gi), (scene[j][0], attr_b, gj))
+
+
+def parse_caption(text: str, cfg: SyntheticConfig) -> tuple:
+    """The claims of a caption of the generator's grammar (as `_caption` returns them): each noun phrase
+    "a/an [adjective] noun" gives (type, attribute or -1, group or -1); one location phrase applies to both
+    objects, two apply each to the phrase before it. Raises ValueError on text outside the grammar."""
+    import re
+
+    world_nouns = (NOUNS + [f"thing{i}" for i in range(cfg.n_object_types)])[: cfg.n_object_types]
+    nouns = {n: t for t, n in enumerate(world_nouns)}
+    attrs = {a: k for k, a in enumerate(ATTRIBUTES[: cfg.n_attributes])}
+    alt = lambda words: "|".join(re.escape(w) for w in sorted(words, key=len, reverse=True))  # noqa: E731
+    phrase = re.compile(rf"\ban? (?:({alt(attrs)}) )?({alt(nouns)})\b")
+    where = re.compile(alt(LOCATIONS[: cfg.n_groups]))
+    objects = [(m.start(), nouns[m.group(2)], attrs[m.group(1)] if m.group(1) else -1) for m in phrase.finditer(text)]
+    locs = [(m.start(), LOCATIONS.index(m.group(0))) for m in where.finditer(text)]
+    if len(objects) != 2 or len(locs) > 2:
+        raise ValueError(f"caption outside the synthetic grammar: {text!r}")
+    if len(locs) == 2:
+        groups = [next(g for pos, g in locs if pos > start) for start, _, _ in objects]
+    else:
+        groups = [locs[0][1] if locs else -1] * 2
+    return tuple((t, a, g) for (_, t, a), g in zip(objects, groups))
+
+
+def describes(claims, scene) -> bool:
+    """Whether a caption with these claims correctly describes `scene` (objects [type, attribute, group]):
+    every named object is present with the attribute and group stated (types are distinct in a scene, so
+    the two claims always name two different objects)."""
+    return all(any(t == o[0] and a in (-1, o[1]) and g in (-1, o[2]) for o in scene) for t, a, g in claims)
+
+
+def positive_images(scenes, claims) -> list[list[int]]:
+    """For each caption (claims), the sorted indices of the scenes it correctly describes (`describes`)."""
+    by_type: dict[int, list[tuple[int, int, int]]] = {}
+    for k, scene in enumerate(scenes):
+        for t, a, g in scene:
+            by_type.setdefault(t, []).append((k, a, g))
+    out = []
+    for caption in claims:
+        sets = [{k for k, a2, g2 in by_type.get(t, ()) if a in (-1, a2) and g in (-1, g2)} for t, a, g in caption]
+        out.append(sorted(set.intersection(*sets)))
+    return out
 
 
 def _split_scenes(n: int, code: int, cfg: SyntheticConfig, world: _World):
@@ -191,20 +240,49 @@ def _split_scenes(n: int, code: int, cfg: SyntheticConfig, world: _World):
         yield scene, regions, grid, [_caption(rng, cfg, world, scene) for _ in range(cfg.captions_per_image)]
 
 
+def _write_positives(root: Path, split: str, scenes, claims) -> None:
+    from ..eccv_metrics import save_positives
+
+    save_positives(root / POSITIVES_FILE.format(split=split), positive_images(scenes, claims), len(scenes))
+
+
 def _write_split(root: Path, split: str, n: int, code: int, cfg: SyntheticConfig, world: _World) -> None:
     ims = np.lib.format.open_memmap(root / f"{split}_ims.npy", mode="w+", dtype=np.float32,
                                     shape=(n, cfg.n_regions, cfg.feat_dim))
     grids = np.lib.format.open_memmap(root / f"{split}_grids.npy", mode="w+", dtype=np.float32,
                                       shape=(n, cfg.grid_size, cfg.grid_size, cfg.feat_dim))
-    captions = []
-    for k, (_, regions, grid, caps) in enumerate(_split_scenes(n, code, cfg, world)):
+    captions, scenes, claims = [], [], []
+    for k, (scene, regions, grid, caps) in enumerate(_split_scenes(n, code, cfg, world)):
         ims[k], grids[k] = regions, grid
-        captions += caps
+        captions += [text for text, _ in caps]
+        scenes.append(scene)
+        claims += [c for _, c in caps]
     ims.flush()
     grids.flush()
     del ims, grids
     (root / f"{split}_caps.txt").write_text("\n".join(captions) + "\n", encoding="utf-8")
     (root / f"{split}_ids.txt").write_text("\n".join(f"{split}-{k:06d}" for k in range(n)) + "\n")
+    _write_positives(root, split, scenes, claims)
+
+
+def _splits(cfg: SyntheticConfig):
+    for code, (split, n) in enumerate((("train", cfg.n_train), ("dev", cfg.n_dev), ("test", cfg.n_test)), 1):
+        if n < 1:
+            raise ValueError(f"synthetic split {split!r} needs at least one image, got {n}")
+        yield code, split, n
+
+
+def add_positives(cfg: SyntheticConfig, root: str | Path) -> None:
+    """Writes the missing `{split}_positives.npz` of a set generated before they existed (the scenes are
+    drawn again from the same random streams; the other files are not touched)."""
+    root, world = Path(root), _World(cfg)
+    for code, split, n in _splits(cfg):
+        if not (root / POSITIVES_FILE.format(split=split)).is_file():
+            scenes, claims = [], []
+            for scene, _, _, caps in _split_scenes(n, code, cfg, world):
+                scenes.append(scene)
+                claims += [c for _, c in caps]
+            _write_positives(root, split, scenes, claims)
 
 
 def generate(cfg: SyntheticConfig, root: str | Path) -> Path:
@@ -212,9 +290,7 @@ def generate(cfg: SyntheticConfig, root: str | Path) -> Path:
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
     world = _World(cfg)
-    for code, (split, n) in enumerate((("train", cfg.n_train), ("dev", cfg.n_dev), ("test", cfg.n_test)), 1):
-        if n < 1:
-            raise ValueError(f"synthetic split {split!r} needs at least one image, got {n}")
+    for code, split, n in _splits(cfg):
         _write_split(root, split, n, code, cfg, world)
     (root / "params.json").write_text(json.dumps({"generator_version": GENERATOR_VERSION, **asdict(cfg)}, indent=1))
     return root
@@ -232,6 +308,7 @@ def ensure_synthetic(cfg: SyntheticConfig | dict | None = None, cache_dir: str |
     else:
         root, make = cache / f"synthetic-{cfg.digest()}", generate
     if (root / "params.json").is_file():
+        add_positives(cfg, root)  # a cache made before the ground-truth files existed
         return root
     tmp = cache / f".{root.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -316,15 +393,16 @@ def generate_images(cfg: SyntheticConfig, root: str | Path) -> Path:
     (root / "images").mkdir(parents=True, exist_ok=True)
     world = _World(cfg)
     words: set[str] = set()
-    for code, (split, n) in enumerate((("train", cfg.n_train), ("dev", cfg.n_dev), ("test", cfg.n_test)), 1):
-        if n < 1:
-            raise ValueError(f"synthetic split {split!r} needs at least one image, got {n}")
-        names, captions = [], []
+    for code, split, n in _splits(cfg):
+        names, captions, scenes, claims = [], [], [], []
         for k, (scene, _, _, caps) in enumerate(_split_scenes(n, code, cfg, world)):
             name = f"images/{split}-{k:06d}.png"
             Image.fromarray(render_scene(scene, cfg, np.random.default_rng([cfg.seed, code, k, 7]))).save(root / name)
             names.append(name)
-            captions += caps
+            captions += [text for text, _ in caps]
+            scenes.append(scene)
+            claims += [c for _, c in caps]
+        _write_positives(root, split, scenes, claims)
         for c in captions:
             words.update(c.split())
         (root / f"{split}_images.txt").write_text("\n".join(names) + "\n")
