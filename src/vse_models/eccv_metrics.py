@@ -129,7 +129,7 @@ class _Accumulator:
         idx = torch.zeros(q, width, dtype=torch.long, device=scores.device)
         idx[valid] = flat
         pos = scores.gather(1, idx).masked_fill(~valid, float("-inf")).sort(1, descending=True).values
-        at_least_all = g - torch.searchsorted(scores.sort(1).values, pos.contiguous(), side="left")
+        at_least_all = g - torch.searchsorted(scores.sort(1).values.contiguous(), pos.contiguous(), side="left")
         at_least_pos = ((pos[:, None, :] >= pos[:, :, None]) & valid[:, None, :]).sum(2)
         rank = slot[None, :] + (at_least_all - at_least_pos)      # 0-based, ties against the positive
         hits = valid & (rank < counts[:, None])
