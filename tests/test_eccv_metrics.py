@@ -180,3 +180,40 @@ def test_eccv_caption_package_recalls_equal_ours():
     assert {f"eccv_{s}_{m}" for s in ("i2t", "t2i") for m in ("map_at_r", "r_precision", "r1")} <= set(theirs)
     assert all(0 <= v <= 100 for v in theirs.values())
 
+
+
+def test_vse_eval_metrics_eccv(tmp_path, monkeypatch, capsys):
+    import json
+
+    from vse_models.data import Split
+    from vse_models.evaluate import main as eval_main
+    from vse_models.evaluation import evaluate_split
+    from vse_models.train import main as train_main
+
+    monkeypatch.setenv("VSE_DATA_CACHE", str(tmp_path / "cache"))
+    data = ["n_train=40", "n_dev=10", "n_test=10", "n_regions=8", "feat_dim=16", "grid_size=4"]
+    out = tmp_path / "run"
+    assert train_main(["--epochs", "1", "--out", str(out), "--model", "vse", "--batch-size", "20", "--no-progress",
+                       "--option", "embed_size=32", "--option", "word_dim=16",
+                       *[a for kv in data for a in ("--synthetic", kv)]]) == 0
+    assert eval_main(["--checkpoint", str(out), "--metrics", "eccv", "--json", str(tmp_path / "m.json")]) == 0
+    printed = capsys.readouterr().out
+    assert "mAP@R" in printed and "test_positives.npz" in printed
+    result = json.loads((tmp_path / "m.json").read_text())["test"]
+    assert set(result["eccv"]) == {"ground_truth", *ECCV_KEYS}
+    assert result["i2t_r1"] <= result["eccv"]["i2t_r1"] and result["t2i_r1"] <= result["eccv"]["t2i_r1"]
+
+    # A folder without a ground-truth file or COCO ids: a clear error.
+    from vse_models.checkpoint import load_checkpoint
+
+    model, vocab, _, _ = load_checkpoint(out, "best", "cpu")
+    root = ensure_synthetic({kv.split("=")[0]: int(kv.split("=")[1]) for kv in data})
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    for name in ("test_ims.npy", "test_caps.txt", "test_ids.txt"):
+        (bare / name).write_bytes((root / name).read_bytes())
+    with pytest.raises(ValueError, match="test_positives.npz"):
+        evaluate_split(model, Split(bare, "test", vocab), metrics="eccv")
+    (bare / "test_ids.txt").unlink()
+    with pytest.raises(ValueError, match="COCO 5K test image ids"):
+        evaluate_split(model, Split(bare, "test", vocab), metrics="eccv")

@@ -207,10 +207,42 @@ def split_positives(split) -> Positives | None:
     return gt.check_own(split.captions_per_image, str(path))
 
 
+def split_eccv_metrics(model, split, img_emb, txt_emb, block: int = 256) -> dict:
+    """The multi-positive metrics of encoded `split`: on the saved exact ground truth (ECCV_KEYS, "ground_truth":
+    its file), else, where the split's ids are the COCO 5K test images, the eccv-caption package's
+    (`coco_package_metrics`, "ground_truth": "eccv-caption")."""
+    gt = split_positives(split)
+    if gt is not None:
+        return {"ground_truth": f"{split.split}_positives.npz",
+                **streamed_positive_metrics(model, img_emb, txt_emb, gt, block)}
+    ids = getattr(split, "ids", None)
+    if not ids or not all(str(x).isdigit() for x in ids):  # COCO ids are integers
+        raise ValueError(f"--metrics eccv needs a ground truth for split {split.split!r}: a "
+                         f"{split.split}_positives.npz beside its captions (the synthetic sets write one), or COCO "
+                         f"5K test image ids in {split.split}_ids.txt with eccv-caption installed")
+    return {"ground_truth": "eccv-caption",
+            **coco_package_metrics(model, img_emb, txt_emb, split.ids, split.captions_per_image, block)}
+
+
+def format_coco_package_table(m: dict) -> str:
+    """The eccv-caption metrics (coco_package_metrics) as a markdown table."""
+    lines = ["| ground truth | i2t | | | t2i | | |", "|---" * 7 + "|"]
+    for name, metric_keys in (("ECCV Caption mAP@R / R-P / R@1", ("map_at_r", "r_precision", "r1")),
+                              ("CxC R@1 / 5 / 10", ("r1", "r5", "r10")), ("COCO 5K R@1 / 5 / 10", ("r1", "r5", "r10"))):
+        prefix = name.split()[0].lower()
+        vals = [m[f"{prefix}_{side}_{k}"] for side in ("i2t", "t2i") for k in metric_keys]
+        lines.append(f"| {name} | " + " | ".join(f"{v:.1f}" for v in vals) + " |")
+    return "\n".join(lines)
+
+
 # ------------------------------------------------------------------------------ eccv-caption (COCO)
 def _eccv_package():
+    import warnings
+
     try:
-        from eccv_caption import Metrics
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # "failed to import ujson"
+            from eccv_caption import Metrics
     except ImportError:
         raise ValueError("the COCO ECCV Caption / CxC metrics need the eccv-caption package: "
                          "pip install 'vse-kernels[eccv]' (or pip install eccv-caption)") from None
@@ -276,8 +308,8 @@ def coco_package_metrics(model, img_emb, txt_emb, image_ids, captions_per_image:
     n_img, n_txt = _n(img_emb), _n(txt_emb)
     cap_ids = coco_caption_ids(metrics, image_ids, captions_per_image)
     if cap_ids is None or len(cap_ids) != n_txt:
-        raise ValueError("the COCO metrics need a split of the 5000 COCO 5K test images (Karpathy testall) with "
-                         "their COCO image ids in {split}_ids.txt, 5 captions each")
+        raise ValueError("the COCO metrics (eccv-caption) need a split of the 5000 COCO 5K test images (Karpathy "
+                         "testall) with 5 captions each and their COCO image ids (or caption ids) in its ids file")
     img_ids = np.asarray([int(metrics.coco_gts["t2i"][int(c)][0]) for c in cap_ids[::captions_per_image]])
     check_finite_embeddings(img_emb, "image")
     check_finite_embeddings(txt_emb, "caption")

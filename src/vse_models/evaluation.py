@@ -221,14 +221,23 @@ def streamed_ranks(model, img_emb, txt_emb, captions_per_image: int = 5, block: 
 
 
 def evaluate_split(model, split: Split, *, fold5: bool = False, batch_size: int = 256, block: int = 256,
-                   device=None, autocast_dtype=None) -> dict:
+                   device=None, autocast_dtype=None, metrics: str = "recall") -> dict:
     """Metrics of `model` on `split`. fold5=False: {metric: value} over all images. fold5=True:
-    {"fold5": 1K-protocol averages over 5 folds, "all": the metrics over all images (COCO 5K)}."""
+    {"fold5": 1K-protocol averages over 5 folds, "all": the metrics over all images (COCO 5K)}.
+    metrics="eccv" adds "eccv": the multi-positive metrics of `eccv_metrics.split_eccv_metrics` (all images)."""
+    if metrics not in ("recall", "eccv"):
+        raise ValueError(f"metrics must be 'recall' or 'eccv', got {metrics!r}")
     k = split.captions_per_image
     img, txt = encode_split(model, split, batch_size, device, autocast_dtype)
-    full = metrics_from_ranks(*streamed_ranks(model, img, model.complete_text_set(txt), k, block))
+    txt_all = model.complete_text_set(txt)
+    full = metrics_from_ranks(*streamed_ranks(model, img, txt_all, k, block))
+    extra = {}
+    if metrics == "eccv":
+        from .eccv_metrics import split_eccv_metrics
+
+        extra = {"eccv": split_eccv_metrics(model, split, img, txt_all, block)}
     if not fold5:
-        return full
+        return {**full, **extra}
     n = split.n_images
     if n % 5:
         raise ValueError(f"--fold5 needs a number of images divisible by 5, split {split.split!r} has {n}")
@@ -237,7 +246,8 @@ def evaluate_split(model, split: Split, *, fold5: bool = False, batch_size: int 
                     model, slice_embeddings(img, f * m, (f + 1) * m),
                     model.complete_text_set(slice_embeddings(txt, f * m * k, (f + 1) * m * k)), k, block))
                 for f in range(5)]
-    return {"fold5": _rounded({key: float(np.mean([p[key] for p in per_fold])) for key in METRIC_KEYS}), "all": full}
+    return {"fold5": _rounded({key: float(np.mean([p[key] for p in per_fold])) for key in METRIC_KEYS}), "all": full,
+            **extra}
 
 
 def format_table(rows: dict[str, dict]) -> str:
