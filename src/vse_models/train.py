@@ -267,8 +267,9 @@ def with_data_paths(options: dict, root: Path) -> dict:
 
 
 def image_options(run: dict) -> ImageOptions:
-    return ImageOptions(image_size=run.get("image_size", 224), augment=run.get("augment", "crop_flip"),
-                        workers=run.get("workers", 0), bad_images=run.get("bad_images", "error")).check()
+    """The raw-image settings of a run config; a key it lacks takes the run default (DEFAULTS)."""
+    return ImageOptions(**{key: run.get(key, DEFAULTS[key])
+                           for key in ("image_size", "augment", "workers", "bad_images")}).check()
 
 
 def load_split(root: Path, split: str, vocab: Vocabulary | None, features: str, info: DataInfo | None = None,
