@@ -79,8 +79,8 @@ def linear_probe_map(train, train_labels: torch.Tensor, split, labels: torch.Ten
 @torch.no_grad()
 def probe(run: str, split_name: str = "dev", which: str = "best", completion_k: int = 4) -> dict:
     model, vocab, config, _ = load_checkpoint(run, which, "cpu")
-    if config["run"]["model"] != "mh-cvse":
-        raise ValueError(f"{run}: an mh-cvse run is needed, this one trained {config['run']['model']!r}")
+    if config["run"]["model"] not in ("mh-cvse", "cvse"):
+        raise ValueError(f"{run}: an mh-cvse or cvse run is needed, this one trained {config['run']['model']!r}")
     model.eval()
     root = data_root(config["run"])
     split = load_split(root, split_name, vocab, config["run"]["features"], DataInfo(**config["data_info"]))
@@ -125,7 +125,7 @@ def probe(run: str, split_name: str = "dev", which: str = "best", completion_k: 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m vse_models.probe_consensus", description=__doc__.split("\n\n")[0])
-    p.add_argument("run", help="run folder of an mh-cvse training run")
+    p.add_argument("run", help="run folder of an mh-cvse or cvse training run")
     p.add_argument("--split", default="dev")
     p.add_argument("--which", choices=["best", "last"], default="best")
     args = p.parse_args(argv)

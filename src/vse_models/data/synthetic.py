@@ -2,20 +2,35 @@
 
 World (fixed by `seed`): `n_object_types` objects (nouns), `n_attributes` attributes (adjectives),
 `n_groups` spatial groups ("on the left" / "in the middle" / "on the right"), a few background types
-that captions never mention; each gets a random latent vector in R^feat_dim.
+that captions never mention, `n_relations` relations between two objects (verbs: "a dog chasing a ball")
+and as many *poses*; each gets a random latent vector in R^feat_dim.
+
+Scene topics (`n_topics` > 0): topic k owns the object types t with t % n_topics == k and the background
+types b with b % n_topics == k. A scene draws its topic uniformly; each of its objects comes from the topic's
+types (a binomial share `topic_affinity`, the rest from the other types), its background regions from the
+topic's backgrounds. So objects co-occur by topic, as concepts do in real captions (beach: sand, surfboard).
 
 Image: `n_groups` groups of `objects_per_group` objects (distinct types, one attribute each).
 Each object yields 3-5 region vectors `relu(obj + 0.5 attr + 0.3 group + noise)`; background regions
 fill the rest of the `n_regions` slots; region order is shuffled. The grid variant renders the same
 scene on an s x s patch grid (group = column band, object = 2x2 box inside it).
 
+Relations (`n_relations` = R > 0): every scene has one, relation r from a subject object to another
+object. It is drawn as a pose pair: the subject's regions also carry `0.5 pose[p]`, the object's
+`0.5 pose[(p + r) % R]`, with p uniform per image. Each pose alone is uniform whatever r is, so no single
+region shows the relation; only the two objects' regions together do (r = pose difference).
+
 Captions (5 per image) each describe **only part** of the image: two of its six objects, with their
-attribute 60% of the time and the group's location when both come from one group. So an image holds
-more than any one caption (the asymmetry AVSE is about).
+attribute 60% of the time and the group's location when both come from one group; with probability
+`relation_prob` the two are the relation's objects and the caption names it ("a red dog chasing a ball").
+So an image holds more than any one caption (the asymmetry AVSE is about).
 
 Hard distractors: images come in families of `family_size` near-duplicates; each member after the
-first changes `changes_per_member` objects of the family's base scene (a new type or a new attribute).
+first changes `changes_per_member` objects of the family's base scene (a new type, from the topic as
+above, or a new attribute) and, with probability 1/2, the relation (same two objects, another verb).
 A caption that mentions only shared objects fits every member, which caps recall well below 100%.
+
+`n_topics=0 n_relations=0` is the world of before 2026-12 (byte-identical files).
 
 Chance level on a 1000-image test split (5 captions each): t2i R@1/5/10 = 0.1/0.5/1.0 %; i2t (any of
 5 positives among 5000 captions) 0.10/0.50/1.00 %; rsum ~= 3.2.
@@ -27,7 +42,7 @@ import hashlib
 import json
 import os
 import shutil
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import numpy as np
@@ -49,6 +64,9 @@ TEMPLATES_ONE_GROUP = ["{a} and {b} {loc}", "{a} next to {b} {loc}", "there is {
                        "{a} near {b} {loc}", "{loc} , {a} beside {b}"]
 TEMPLATES_TWO_GROUPS = ["{a} and {b}", "{a} and {b} in the picture", "a picture of {a} and {b}",
                         "{a} {loc_a} and {b} {loc_b}"]
+RELATIONS = "holding chasing watching carrying pushing touching riding following".split()
+RELATION_WEIGHT = 0.5   # of a pose vector in its object's regions (an attribute's weight)
+TOPIC_ANCHORS = 2       # a topic's first types, each in its scenes with probability topic_affinity
 
 
 @dataclass(frozen=True)
@@ -70,6 +88,10 @@ class SyntheticConfig:
     changes_per_member: int = 2
     attribute_prob: float = 0.6
     noise: float = 1.0
+    n_topics: int = 8            # 0: objects drawn independently of each other (the world before 2026-12)
+    topic_affinity: float = 0.8  # expected share of a scene's objects from its topic's types
+    n_relations: int = 6         # 0: no relations (the world before 2026-12)
+    relation_prob: float = 0.4   # share of captions naming the relation
 
     @classmethod
     def from_dict(cls, d: dict | None) -> "SyntheticConfig":
@@ -85,8 +107,18 @@ class SyntheticConfig:
             raise ValueError("an image needs at least two objects (n_groups * objects_per_group >= 2)")
         if cfg.n_attributes > len(ATTRIBUTES) or cfg.n_attributes < 2:
             raise ValueError(f"n_attributes must be in 2..{len(ATTRIBUTES)}, got {cfg.n_attributes}")
-        if cfg.n_object_types < cfg.n_groups * cfg.objects_per_group + cfg.changes_per_member:
+        per_image = cfg.n_groups * cfg.objects_per_group + cfg.changes_per_member
+        if cfg.n_object_types < per_image:
             raise ValueError("n_object_types is too small for the number of objects per image")
+        if cfg.n_topics < 0 or (cfg.n_topics and (cfg.n_object_types // cfg.n_topics < per_image
+                                                  or cfg.n_background < cfg.n_topics)):
+            raise ValueError(f"n_topics={cfg.n_topics}: each topic needs >= {per_image} object types "
+                             f"(n_object_types // n_topics) and one background type (n_topics <= n_background)")
+        if not 0 <= cfg.n_relations <= len(RELATIONS):
+            raise ValueError(f"n_relations must be in 0..{len(RELATIONS)}, got {cfg.n_relations}")
+        for name in ("topic_affinity", "relation_prob", "attribute_prob"):
+            if not 0 <= getattr(cfg, name) <= 1:
+                raise ValueError(f"{name} must be in [0, 1], got {getattr(cfg, name)}")
         return cfg
 
     def digest(self) -> str:
@@ -111,47 +143,108 @@ class _World:
         self.attr = rng.standard_normal((cfg.n_attributes, f)).astype(np.float32)
         self.group = rng.standard_normal((cfg.n_groups, f)).astype(np.float32)
         self.background = rng.standard_normal((cfg.n_background, f)).astype(np.float32)
+        # A stream of its own, so that the world without relations draws exactly what it drew before.
+        self.pose = np.random.default_rng([cfg.seed, 0, 1]).standard_normal((cfg.n_relations, f)).astype(np.float32)
+
+    def features(self, scene: "Scene", slot: int) -> np.ndarray:
+        """The noiseless feature vector of object `slot` (its regions' and grid box's)."""
+        t, a, g = scene.objects[slot]
+        v = self.obj[t] + 0.5 * self.attr[a] + 0.3 * self.group[g]
+        for subject, obj, r, pose in scene.relations:
+            if slot in (subject, obj):
+                v = v + RELATION_WEIGHT * self.pose[pose if slot == subject else (pose + r) % len(self.pose)]
+        return v
 
 
-def _scene(rng, cfg: SyntheticConfig) -> list[list[int]]:
-    """Objects as [type, attribute, group] rows, distinct types."""
+@dataclass
+class Scene:
+    """What an image shows: objects as [type, attribute, group] rows (distinct types); the topic (-1: none);
+    relations as (subject slot, object slot, relation, subject's pose)."""
+    objects: list[list[int]]
+    topic: int = -1
+    relations: list[tuple[int, int, int, int]] = field(default_factory=list)
+
+
+def _as_scene(scene) -> Scene:
+    """A Scene, or a plain list of [type, attribute, group] rows (a scene without relations)."""
+    return scene if isinstance(scene, Scene) else Scene([list(o) for o in scene])
+
+
+def _topic_types(cfg: SyntheticConfig, topic: int, inside: bool) -> np.ndarray:
+    return np.array([t for t in range(cfg.n_object_types) if (t % cfg.n_topics == topic) == inside])
+
+
+def _backgrounds(rng, cfg: SyntheticConfig, topic: int, size):
+    if topic < 0:
+        return rng.integers(cfg.n_background, size=size)
+    return rng.choice(np.arange(topic, cfg.n_background, cfg.n_topics), size=size)
+
+
+def _scene(rng, cfg: SyntheticConfig) -> Scene:
     n = cfg.n_groups * cfg.objects_per_group
-    types = rng.choice(cfg.n_object_types, size=n, replace=False)
+    topic, anchors = -1, []
+    if cfg.n_topics:
+        topic = int(rng.integers(cfg.n_topics))
+        pool = _topic_types(cfg, topic, True)
+        anchors = [int(t) for t in pool[:TOPIC_ANCHORS] if rng.random() < cfg.topic_affinity]
+        k = int(rng.binomial(n - len(anchors), cfg.topic_affinity))
+        types = rng.permutation(np.concatenate([anchors, rng.choice(pool[TOPIC_ANCHORS:], size=k, replace=False),
+                                                rng.choice(_topic_types(cfg, topic, False), size=n - len(anchors) - k,
+                                                           replace=False)]).astype(np.int64))
+    else:
+        types = rng.choice(cfg.n_object_types, size=n, replace=False)
     attrs = rng.integers(cfg.n_attributes, size=n)
-    return [[int(t), int(a), k // cfg.objects_per_group] for k, (t, a) in enumerate(zip(types, attrs))]
-
-
-def _variant(rng, cfg: SyntheticConfig, base: list[list[int]]) -> list[list[int]]:
-    scene = [list(o) for o in base]
-    for slot in rng.choice(len(scene), size=min(cfg.changes_per_member, len(scene)), replace=False):
-        if rng.random() < 0.5:  # new attribute
-            scene[slot][1] = int((scene[slot][1] + rng.integers(1, cfg.n_attributes)) % cfg.n_attributes)
-        else:  # new object type, not already in the scene
-            present = {o[0] for o in scene}
-            scene[slot][0] = int(rng.choice([t for t in range(cfg.n_object_types) if t not in present]))
+    scene = Scene([[int(t), int(a), k // cfg.objects_per_group] for k, (t, a) in enumerate(zip(types, attrs))], topic)
+    if cfg.n_relations:  # between two of the topic's anchors when present (a topic's typical pair), else any two
+        slots = [k for k, t in enumerate(types) if t in anchors]
+        subject, obj = (int(i) for i in rng.choice(slots if len(slots) >= 2 else n, size=2, replace=False))
+        scene.relations = [(subject, obj, int(rng.integers(cfg.n_relations)), int(rng.integers(cfg.n_relations)))]
     return scene
 
 
-def _regions(rng, cfg, world: _World, scene) -> np.ndarray:
+def _new_type(rng, cfg: SyntheticConfig, scene: Scene) -> int:
+    present = {o[0] for o in scene.objects}
+    if scene.topic >= 0:
+        pool = _topic_types(cfg, scene.topic, bool(rng.random() < cfg.topic_affinity))
+    else:
+        pool = range(cfg.n_object_types)
+    return int(rng.choice([t for t in pool if t not in present]))
+
+
+def _variant(rng, cfg: SyntheticConfig, base: Scene) -> Scene:
+    scene = Scene([list(o) for o in base.objects], base.topic, list(base.relations))
+    for slot in rng.choice(len(scene.objects), size=min(cfg.changes_per_member, len(scene.objects)), replace=False):
+        if rng.random() < 0.5:  # new attribute
+            scene.objects[slot][1] = int((scene.objects[slot][1] + rng.integers(1, cfg.n_attributes)) % cfg.n_attributes)
+        else:  # new object type, not already in the scene
+            scene.objects[slot][0] = _new_type(rng, cfg, scene)
+    if scene.relations:  # a pose of its own; half the members relate the same two objects differently
+        subject, obj, r, _ = scene.relations[0]
+        if cfg.n_relations > 1 and rng.random() < 0.5:
+            r = int((r + rng.integers(1, cfg.n_relations)) % cfg.n_relations)
+        scene.relations = [(subject, obj, r, int(rng.integers(cfg.n_relations)))]
+    return scene
+
+
+def _regions(rng, cfg, world: _World, scene: Scene) -> np.ndarray:
     vecs = []
-    for t, a, g in scene:
-        base = world.obj[t] + 0.5 * world.attr[a] + 0.3 * world.group[g]
-        vecs += [base] * int(rng.integers(3, 6))
+    for slot in range(len(scene.objects)):
+        vecs += [world.features(scene, slot)] * int(rng.integers(3, 6))
     vecs = vecs[: cfg.n_regions]
-    bg = world.background[rng.integers(cfg.n_background, size=cfg.n_regions - len(vecs))]
+    bg = world.background[_backgrounds(rng, cfg, scene.topic, cfg.n_regions - len(vecs))]
     feats = np.concatenate([np.stack(vecs), bg]) if len(bg) else np.stack(vecs)
     feats = feats + cfg.noise * rng.standard_normal(feats.shape).astype(np.float32)
     return np.maximum(feats[rng.permutation(cfg.n_regions)], 0)
 
 
-def _grid(rng, cfg, world: _World, scene) -> np.ndarray:
+def _grid(rng, cfg, world: _World, scene: Scene) -> np.ndarray:
     s = cfg.grid_size
-    grid = world.background[rng.integers(cfg.n_background, size=(s, s))].copy()
-    for t, a, g in scene:
+    grid = world.background[_backgrounds(rng, cfg, scene.topic, (s, s))].copy()
+    for slot, (t, a, g) in enumerate(scene.objects):
         lo, hi = int(g * s / cfg.n_groups), max(int((g + 1) * s / cfg.n_groups), int(g * s / cfg.n_groups) + 1)
         c0 = int(rng.integers(lo, max(lo + 1, hi - 1)))
         r0 = int(rng.integers(0, max(1, s - 1)))
-        grid[r0:r0 + 2, c0:c0 + 2] += world.obj[t] + 0.5 * world.attr[a] + 0.3 * world.group[g]
+        grid[r0:r0 + 2, c0:c0 + 2] += world.features(scene, slot)
     grid += cfg.noise * rng.standard_normal(grid.shape).astype(np.float32)
     return np.maximum(grid, 0)
 
@@ -166,12 +259,24 @@ def _phrase(rng, cfg, world: _World, obj) -> tuple[str, int]:
     return f"{'an' if noun[0] in 'aeiou' else 'a'} {noun}", -1
 
 
-def _caption(rng, cfg, world: _World, scene) -> tuple[str, tuple]:
-    """(caption text, its claims): two claims (type, attribute or -1, group or -1), one per object it names;
-    a group is stated by the one-group templates (for both objects) and by the "{loc_a} ... {loc_b}" one."""
-    i, j = rng.choice(len(scene), size=2, replace=False)
-    (a, attr_a), (b, attr_b) = _phrase(rng, cfg, world, scene[i]), _phrase(rng, cfg, world, scene[j])
-    gi, gj = scene[i][2], scene[j][2]
+def _caption(rng, cfg, world: _World, scene: Scene) -> tuple[str, tuple]:
+    """(caption text, its claims): (claim a, claim b, relation or -1), a claim (type, attribute or -1, group
+    or -1) per object it names; a group is stated by the one-group templates (for both objects) and by the
+    "{loc_a} ... {loc_b}" one. A relation caption reads "{a} {relation} {b}" (+ the location of a shared group)."""
+    objects = scene.objects
+    if scene.relations and rng.random() < cfg.relation_prob:
+        i, j, r, _ = scene.relations[0]
+        (a, attr_a), (b, attr_b) = _phrase(rng, cfg, world, objects[i]), _phrase(rng, cfg, world, objects[j])
+        gi, gj = objects[i][2], objects[j][2]
+        text = f"{a} {RELATIONS[r]} {b}"
+        if gi == gj:
+            text += f" {LOCATIONS[gi]}"
+        else:
+            gi = gj = -1
+        return text + " .", ((objects[i][0], attr_a, gi), (objects[j][0], attr_b, gj), r)
+    i, j = rng.choice(len(objects), size=2, replace=False)
+    (a, attr_a), (b, attr_b) = _phrase(rng, cfg, world, objects[i]), _phrase(rng, cfg, world, objects[j])
+    gi, gj = objects[i][2], objects[j][2]
     if gi == gj:
         text = TEMPLATES_ONE_GROUP[rng.integers(len(TEMPLATES_ONE_GROUP))].format(a=a, b=b, loc=LOCATIONS[gi])
     else:
@@ -179,13 +284,14 @@ def _caption(rng, cfg, world: _World, scene) -> tuple[str, tuple]:
         text = template.format(a=a, b=b, loc_a=LOCATIONS[gi], loc_b=LOCATIONS[gj])
         if "{loc_a}" not in template:
             gi = gj = -1
-    return text + " .", ((scene[i][0], attr_a, gi), (scene[j][0], attr_b, gj))
+    return text + " .", ((objects[i][0], attr_a, gi), (objects[j][0], attr_b, gj), -1)
 
 
 def parse_caption(text: str, cfg: SyntheticConfig) -> tuple:
     """The claims of a caption of the generator's grammar (as `_caption` returns them): each noun phrase
     "a/an [adjective] noun" gives (type, attribute or -1, group or -1); one location phrase applies to both
-    objects, two apply each to the phrase before it. Raises ValueError on text outside the grammar."""
+    objects, two apply each to the phrase before it; a relation word between the two phrases gives the
+    relation (else -1), from the first object to the second. Raises ValueError on text outside the grammar."""
     import re
 
     world_nouns = (NOUNS + [f"thing{i}" for i in range(cfg.n_object_types)])[: cfg.n_object_types]
@@ -194,34 +300,53 @@ def parse_caption(text: str, cfg: SyntheticConfig) -> tuple:
     alt = lambda words: "|".join(re.escape(w) for w in sorted(words, key=len, reverse=True))  # noqa: E731
     phrase = re.compile(rf"\ban? (?:({alt(attrs)}) )?({alt(nouns)})\b")
     where = re.compile(alt(LOCATIONS[: cfg.n_groups]))
+    verbs = re.compile(rf"\b({alt(RELATIONS[: cfg.n_relations] or ['-'])})\b")
     objects = [(m.start(), nouns[m.group(2)], attrs[m.group(1)] if m.group(1) else -1) for m in phrase.finditer(text)]
     locs = [(m.start(), LOCATIONS.index(m.group(0))) for m in where.finditer(text)]
-    if len(objects) != 2 or len(locs) > 2:
+    rels = [(m.start(), RELATIONS.index(m.group(1))) for m in verbs.finditer(text)]
+    if (len(objects) != 2 or len(locs) > 2 or len(rels) > 1
+            or (rels and not objects[0][0] < rels[0][0] < objects[1][0]) or (rels and len(locs) > 1)):
         raise ValueError(f"caption outside the synthetic grammar: {text!r}")
     if len(locs) == 2:
         groups = [next(g for pos, g in locs if pos > start) for start, _, _ in objects]
     else:
         groups = [locs[0][1] if locs else -1] * 2
-    return tuple((t, a, g) for (_, t, a), g in zip(objects, groups))
+    claims = tuple((t, a, g) for (_, t, a), g in zip(objects, groups))
+    return claims + (rels[0][1] if rels else -1,)
+
+
+def _matches(claim, obj) -> bool:
+    t, a, g = claim
+    return t == obj[0] and a in (-1, obj[1]) and g in (-1, obj[2])
 
 
 def describes(claims, scene) -> bool:
-    """Whether a caption with these claims correctly describes `scene` (objects [type, attribute, group]):
-    every named object is present with the attribute and group stated (types are distinct in a scene, so
-    the two claims always name two different objects)."""
-    return all(any(t == o[0] and a in (-1, o[1]) and g in (-1, o[2]) for o in scene) for t, a, g in claims)
+    """Whether a caption with these claims (claim a, claim b, relation or -1) correctly describes `scene` (a
+    Scene, or a list of [type, attribute, group] rows): every named object is present with the attribute and
+    group stated (types are distinct in a scene, so the two claims always name two different objects), and a
+    stated relation holds from the first named object to the second."""
+    scene = _as_scene(scene)
+    *named, relation = claims
+    if not all(any(_matches(c, o) for o in scene.objects) for c in named):
+        return False
+    return relation < 0 or any(r == relation and _matches(named[0], scene.objects[i]) and _matches(named[1], scene.objects[j])
+                               for i, j, r, _ in scene.relations)
 
 
 def positive_images(scenes, claims) -> list[list[int]]:
     """For each caption (claims), the sorted indices of the scenes it correctly describes (`describes`)."""
+    scenes = [_as_scene(s) for s in scenes]
     by_type: dict[int, list[tuple[int, int, int]]] = {}
     for k, scene in enumerate(scenes):
-        for t, a, g in scene:
+        for t, a, g in scene.objects:
             by_type.setdefault(t, []).append((k, a, g))
     out = []
-    for caption in claims:
-        sets = [{k for k, a2, g2 in by_type.get(t, ()) if a in (-1, a2) and g in (-1, g2)} for t, a, g in caption]
-        out.append(sorted(set.intersection(*sets)))
+    for *named, relation in claims:
+        sets = [{k for k, a2, g2 in by_type.get(t, ()) if a in (-1, a2) and g in (-1, g2)} for t, a, g in named]
+        hits = set.intersection(*sets)
+        if relation >= 0:
+            hits = {k for k in hits if describes((*named, relation), scenes[k])}
+        out.append(sorted(hits))
     return out
 
 
@@ -358,15 +483,26 @@ def render_scene(scene, cfg: SyntheticConfig, rng: np.random.Generator, px: int 
     """(px, px, 3) uint8: the background type as a noisy colour; each object [type, attribute, group] in
     its group's column band, one cell per object (top / bottom half), at a random place inside it.
     Type t: shape SHAPES[t % 6], colour palette[t // 6] (so 120 types = 6 shapes x 20 colours);
-    attribute a: size SIZES[a % 3], texture TEXTURES[(a // 3) % 4] (the off texels darkened)."""
+    attribute a: size SIZES[a % 3], texture TEXTURES[(a // 3) % 4] (the off texels darkened).
+    A relation's two objects each carry a 3 x 3 px pose mark at their top-left corner, its colour the pose
+    (as the region features: the relation is the difference of the two marks, neither shows it alone).
+    `scene`: a Scene, or a list of object rows."""
+    scene = _as_scene(scene)
     colours = _palette(max(1, -(-cfg.n_object_types // len(SHAPES))), 0.55)
     backgrounds = _palette(cfg.n_background, 0.6) * 0.35
     img = np.empty((px, px, 3), np.float32)
-    img[:] = backgrounds[int(rng.integers(cfg.n_background))]
+    if scene.topic >= 0:
+        img[:] = backgrounds[int(rng.choice(np.arange(scene.topic, cfg.n_background, cfg.n_topics)))]
+    else:
+        img[:] = backgrounds[int(rng.integers(cfg.n_background))]
+    poses = {}
+    for subject, obj, r, pose in scene.relations:
+        poses[subject], poses[obj] = pose, (pose + r) % cfg.n_relations
+    pose_colours = _palette(max(1, cfg.n_relations), 0.7) if poses else None
     band = px / cfg.n_groups
     cell = px / cfg.objects_per_group
     slots: dict[int, int] = {}
-    for t, a, g in scene:
+    for slot, (t, a, g) in enumerate(scene.objects):
         k = slots.get(g, 0)
         slots[g] = k + 1
         s = min(SIZES[a % len(SIZES)], int(band), int(cell))
@@ -378,6 +514,8 @@ def render_scene(scene, cfg: SyntheticConfig, rng: np.random.Generator, px: int 
         patch = np.where(tex[..., None], colour, colour * 0.35)
         view = img[y0:y0 + s, x0:x0 + s]
         view[mask] = patch[mask]
+        if slot in poses:
+            img[y0:y0 + 3, x0:x0 + 3] = pose_colours[poses[slot]]
     img += rng.normal(0, 10, img.shape)
     return np.clip(img, 0, 255).astype(np.uint8)
 

@@ -280,3 +280,13 @@ class MHCVSE(RetrievalModel):
         # Stepped once per epoch: T_max = epochs reaches eta_min after the last one.
         return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, config["epochs"]),
                                                           eta_min=self.options["eta_min"])
+
+
+@register_model("cvse")
+class CVSE(MHCVSE):
+    """`cvse`: MH-CVSE with its four additions off, i.e. CVSE (ECCV 2020) as its code trains it: no
+    self-attention, CVSE's fixed loss weights (3, 5, 1, 2), step learning-rate schedule, `weight_sum` fusion.
+    The yardstick of MH-CVSE's claim; each addition can be switched back on with its option."""
+
+    default_options = {**MHCVSE.default_options, "self_attention": False, "dynamic_loss_weights": False,
+                       "lr_schedule": "step", "fusion": "weight_sum"}
