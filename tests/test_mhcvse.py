@@ -597,6 +597,30 @@ def test_f30k_config_resolves_with_the_papers_recipe():
     assert (o["embed_size"], o["num_concepts"], o["num_heads"], o["lr_schedule"]) == (1024, 300, 8, "cosine")
 
 
+MH_CVSE_ADDITIONS = {"self_attention": (False, True), "dynamic_loss_weights": (False, True),
+                     "lr_schedule": ("step", "cosine"), "fusion": ("weight_sum", "weight_sum")}
+
+
+def test_cvse_is_mh_cvse_without_its_additions_and_the_presets_differ_only_there():
+    from vse_models.models import get_model_class
+    from vse_models.train import build_parser, resolve_config
+
+    cvse = get_model_class("cvse")
+    assert issubclass(cvse, MHCVSE)
+    differs = {k for k in MHCVSE.default_options if cvse.default_options[k] != MHCVSE.default_options[k]}
+    assert differs == {"self_attention", "dynamic_loss_weights", "lr_schedule"}   # fusion: weight_sum in both
+    resolved = {}
+    for name in ("cvse", "mh-cvse"):
+        cfg = resolve_config(build_parser().parse_args(["--model", name]))
+        resolved[name] = (cfg, get_model_class(name).resolve_options(cfg["model_options"]))
+    (c_cfg, c_opt), (m_cfg, m_opt) = resolved["cvse"], resolved["mh-cvse"]
+    assert {k for k in c_opt if c_opt[k] != m_opt[k]} == {"self_attention", "attention_residual",
+                                                         "dynamic_loss_weights", "lr_schedule"}
+    for key, (off, on) in MH_CVSE_ADDITIONS.items():
+        assert (c_opt[key], m_opt[key]) == (off, on)
+    assert {k for k in c_cfg if k not in ("model", "model_options", "out") and c_cfg[k] != m_cfg[k]} == set()
+
+
 def test_evaluation_applies_the_label_completion_option():
     from vse_models.evaluation import encode_split, evaluate_split, metrics_from_ranks, ranks
 
@@ -659,5 +683,5 @@ def test_consensus_probe_of_a_tiny_run(tmp_path, monkeypatch, capsys):
     assert out["graph_self_weight"] > 0
     assert probe_main([str(tmp_path / "mh")]) == 0 and "bag-of-concepts oracle" in capsys.readouterr().out
     assert train_main(["--model", "vse", "--out", str(tmp_path / "vse"), *tiny]) == 0
-    with pytest.raises(ValueError, match="an mh-cvse run is needed"):
+    with pytest.raises(ValueError, match="an mh-cvse or cvse run is needed"):
         probe(str(tmp_path / "vse"))

@@ -2,7 +2,8 @@
 run contributes (the measurements behind the README's diagnosis of MH-CVSE on the synthetic data).
 
 Prints
-- the concept graph: mean weight of the self-loop and of the neighbours in a row of Â;
+- the concept graph: how many concept pairs it links (both directions counted), the mean weight of the
+  self-loop and of the neighbours in a row of Â, and its strongest links by name;
 - how spread the concept embeddings Z are: mean cosine between two different concepts, trained and for a
   freshly initialised GCN on the same graph (near 1: the consensus level has collapsed);
 - how well the image-side concept distribution s_v ranks the image's concepts: mAP against the union of
@@ -92,6 +93,12 @@ def probe(run: str, split_name: str = "dev", which: str = "best", completion_k: 
     adj = model.adjacency
     out["graph_self_weight"] = float(adj.diagonal().mean())
     out["graph_neighbour_mass"] = float((adj.sum(1) - adj.diagonal()).mean())
+    links = adj - torch.diag(adj.diagonal())
+    out["graph_links"] = int((links > 0).sum())
+    names = {int(c): vocab.idx2word[w] for w, c in enumerate(model.word_to_concept.tolist()) if c >= 0}
+    order = links.flatten().argsort(descending=True)[: min(8, out["graph_links"])]
+    out["graph_strongest_links"] = ", ".join(f"{names.get(int(i) // adj.size(1), '?')}-{names.get(int(i) % adj.size(1), '?')}"
+                                             for i in order)
     z = model.concept_embeddings()
     out["concept_cos_trained"] = _mean_offdiag(z @ z.t())
     with torch.random.fork_rng():  # a fresh GCN and concept vectors initialised as in the model, seed 0
@@ -132,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
     out = probe(args.run, args.split, args.which)
     scores = out.pop("rsum")
     for name, value in out.items():
-        print(f"{name:28s} {value:.3f}")
+        print(f"{name:28s} {value if isinstance(value, (int, str)) else f'{value:.3f}'}")
     for name, value in scores.items():
         print(f"rsum {name:40s} {value:.1f}")
     return 0

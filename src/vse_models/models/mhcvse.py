@@ -30,6 +30,9 @@ region dropout and residual MLP), `pooling="gpo"` (the baseline's pooling instea
 ("post_norm", "pre_norm", "rezero": cvse_parts.SelfAttentionBlock). Their measured effect on the synthetic
 data is in the README.
 
+`cvse` (class CVSE below) is this model with MH-CVSE's four additions off by default (no self-attention,
+fixed loss weights, step schedule, weight_sum fusion): CVSE, the yardstick of MH-CVSE's claim.
+
 `backend="reference"` uses torch.nn.MultiheadAttention and the pure-PyTorch hinge loss and imports
 nothing from vse_kernels.
 """
