@@ -96,7 +96,8 @@ def probe(run: str, split_name: str = "dev", which: str = "best", completion_k: 
     links = adj - torch.diag(adj.diagonal())
     out["graph_links"] = int((links > 0).sum())
     names = {int(c): vocab.idx2word[w] for w, c in enumerate(model.word_to_concept.tolist()) if c >= 0}
-    order = links.flatten().argsort(descending=True)[: min(8, out["graph_links"])]
+    pairs = torch.triu(torch.maximum(links, links.t()), diagonal=1)  # a pair once, by its stronger direction
+    order = pairs.flatten().argsort(descending=True)[: min(8, int((pairs > 0).sum()))]
     out["graph_strongest_links"] = ", ".join(f"{names.get(int(i) // adj.size(1), '?')}-{names.get(int(i) % adj.size(1), '?')}"
                                              for i in order)
     z = model.concept_embeddings()

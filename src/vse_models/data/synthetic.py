@@ -18,7 +18,10 @@ scene on an s x s patch grid (group = column band, object = 2x2 box inside it).
 Relations (`n_relations` = R > 0): every scene has one, relation r from a subject object to another
 object. It is drawn as a pose pair: the subject's regions also carry `0.5 pose[p]`, the object's
 `0.5 pose[(p + r) % R]`, with p uniform per image. Each pose alone is uniform whatever r is, so no single
-region shows the relation; only the two objects' regions together do (r = pose difference).
+region shows the relation; only the two objects' regions together do (r = pose difference). Subject and
+object draw from one pose table, so "A r B" and "B r' A" with r' = (-r) mod R are the same configuration: the
+ground truth counts a caption of either reading as describing it (`describes`); the verbs are names of pose
+differences, not of their everyday meaning.
 
 Captions (5 per image) each describe **only part** of the image: two of its six objects, with their
 attribute 60% of the time and the group's location when both come from one group; with probability
@@ -27,7 +30,7 @@ So an image holds more than any one caption (the asymmetry AVSE is about).
 
 Hard distractors: images come in families of `family_size` near-duplicates; each member after the
 first changes `changes_per_member` objects of the family's base scene (a new type, from the topic as
-above, or a new attribute) and, with probability 1/2, the relation (same two objects, another verb).
+above, or a new attribute) and, with probability 1/2, the relation (the same two slots, another verb).
 A caption that mentions only shared objects fits every member, which caps recall well below 100%.
 
 `n_topics=0 n_relations=0` is the world of before 2026-12 (byte-identical files).
@@ -47,7 +50,7 @@ from pathlib import Path
 
 import numpy as np
 
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2  # 2: relation ground truth counts the converse reading (cache folders of v1 are not reused)
 POSITIVES_FILE = "{split}_positives.npz"  # exact ground truth: eccv_metrics.save_positives / load_positives
 
 NOUNS = """man woman child boy girl dog cat horse cow sheep bird duck car bus bike motorcycle boat train truck
@@ -110,10 +113,10 @@ class SyntheticConfig:
         per_image = cfg.n_groups * cfg.objects_per_group + cfg.changes_per_member
         if cfg.n_object_types < per_image:
             raise ValueError("n_object_types is too small for the number of objects per image")
-        if cfg.n_topics < 0 or (cfg.n_topics and (cfg.n_object_types // cfg.n_topics < per_image
-                                                  or cfg.n_background < cfg.n_topics)):
-            raise ValueError(f"n_topics={cfg.n_topics}: each topic needs >= {per_image} object types "
-                             f"(n_object_types // n_topics) and one background type (n_topics <= n_background)")
+        if cfg.n_topics and (cfg.n_topics < 2 or cfg.n_object_types // cfg.n_topics < TOPIC_ANCHORS + per_image
+                             or cfg.n_background < cfg.n_topics):
+            raise ValueError(f"n_topics={cfg.n_topics}: must be 0 or >= 2, each topic needs >= {TOPIC_ANCHORS + per_image} "
+                             f"object types (n_object_types // n_topics) and one background type (n_topics <= n_background)")
         if not 0 <= cfg.n_relations <= len(RELATIONS):
             raise ValueError(f"n_relations must be in 0..{len(RELATIONS)}, got {cfg.n_relations}")
         for name in ("topic_affinity", "relation_prob", "attribute_prob"):
@@ -159,10 +162,13 @@ class _World:
 @dataclass
 class Scene:
     """What an image shows: objects as [type, attribute, group] rows (distinct types); the topic (-1: none);
-    relations as (subject slot, object slot, relation, subject's pose)."""
+    relations as (subject slot, object slot, relation, subject's pose); `n_relations` of the world (R).
+    Subject and object carry poses from one table, so relation r from A to B looks exactly like relation
+    (-r) mod R from B to A: the two are one configuration, and a caption of either describes it."""
     objects: list[list[int]]
     topic: int = -1
     relations: list[tuple[int, int, int, int]] = field(default_factory=list)
+    n_relations: int = 0
 
 
 def _as_scene(scene) -> Scene:
@@ -194,7 +200,8 @@ def _scene(rng, cfg: SyntheticConfig) -> Scene:
     else:
         types = rng.choice(cfg.n_object_types, size=n, replace=False)
     attrs = rng.integers(cfg.n_attributes, size=n)
-    scene = Scene([[int(t), int(a), k // cfg.objects_per_group] for k, (t, a) in enumerate(zip(types, attrs))], topic)
+    scene = Scene([[int(t), int(a), k // cfg.objects_per_group] for k, (t, a) in enumerate(zip(types, attrs))], topic,
+                  n_relations=cfg.n_relations)
     if cfg.n_relations:  # between two of the topic's anchors when present (a topic's typical pair), else any two
         slots = [k for k, t in enumerate(types) if t in anchors]
         subject, obj = (int(i) for i in rng.choice(slots if len(slots) >= 2 else n, size=2, replace=False))
@@ -212,7 +219,7 @@ def _new_type(rng, cfg: SyntheticConfig, scene: Scene) -> int:
 
 
 def _variant(rng, cfg: SyntheticConfig, base: Scene) -> Scene:
-    scene = Scene([list(o) for o in base.objects], base.topic, list(base.relations))
+    scene = Scene([list(o) for o in base.objects], base.topic, list(base.relations), base.n_relations)
     for slot in rng.choice(len(scene.objects), size=min(cfg.changes_per_member, len(scene.objects)), replace=False):
         if rng.random() < 0.5:  # new attribute
             scene.objects[slot][1] = int((scene.objects[slot][1] + rng.integers(1, cfg.n_attributes)) % cfg.n_attributes)
@@ -300,10 +307,10 @@ def parse_caption(text: str, cfg: SyntheticConfig) -> tuple:
     alt = lambda words: "|".join(re.escape(w) for w in sorted(words, key=len, reverse=True))  # noqa: E731
     phrase = re.compile(rf"\ban? (?:({alt(attrs)}) )?({alt(nouns)})\b")
     where = re.compile(alt(LOCATIONS[: cfg.n_groups]))
-    verbs = re.compile(rf"\b({alt(RELATIONS[: cfg.n_relations] or ['-'])})\b")
+    verbs = re.compile(rf"\b({alt(RELATIONS[: cfg.n_relations])})\b") if cfg.n_relations else None
     objects = [(m.start(), nouns[m.group(2)], attrs[m.group(1)] if m.group(1) else -1) for m in phrase.finditer(text)]
     locs = [(m.start(), LOCATIONS.index(m.group(0))) for m in where.finditer(text)]
-    rels = [(m.start(), RELATIONS.index(m.group(1))) for m in verbs.finditer(text)]
+    rels = [(m.start(), RELATIONS.index(m.group(1))) for m in verbs.finditer(text)] if verbs else []
     if (len(objects) != 2 or len(locs) > 2 or len(rels) > 1
             or (rels and not objects[0][0] < rels[0][0] < objects[1][0]) or (rels and len(locs) > 1)):
         raise ValueError(f"caption outside the synthetic grammar: {text!r}")
@@ -324,13 +331,21 @@ def describes(claims, scene) -> bool:
     """Whether a caption with these claims (claim a, claim b, relation or -1) correctly describes `scene` (a
     Scene, or a list of [type, attribute, group] rows): every named object is present with the attribute and
     group stated (types are distinct in a scene, so the two claims always name two different objects), and a
-    stated relation holds from the first named object to the second."""
+    stated relation holds from the first named object to the second: the scene's relation r from A to B, or
+    its converse reading, (-r) mod R from B to A (the same pose pair, see Scene)."""
     scene = _as_scene(scene)
     *named, relation = claims
     if not all(any(_matches(c, o) for o in scene.objects) for c in named):
         return False
-    return relation < 0 or any(r == relation and _matches(named[0], scene.objects[i]) and _matches(named[1], scene.objects[j])
-                               for i, j, r, _ in scene.relations)
+    if relation < 0:
+        return True
+    a, b = named
+    for i, j, r, _ in scene.relations:
+        if r == relation and _matches(a, scene.objects[i]) and _matches(b, scene.objects[j]):
+            return True
+        if (-r) % scene.n_relations == relation and _matches(a, scene.objects[j]) and _matches(b, scene.objects[i]):
+            return True
+    return False
 
 
 def positive_images(scenes, claims) -> list[list[int]]:
@@ -450,7 +465,7 @@ def ensure_synthetic(cfg: SyntheticConfig | dict | None = None, cache_dir: str |
 
 
 # ---------------------------------------------------------------------------- rendered as images
-RENDER_VERSION = 1
+RENDER_VERSION = 2  # 2: pose marks in grey levels (v1's first pose colour was object colour 0's)
 IMAGE_PX = 48          # rendered image side: 3 column bands of 16 px, 2 object cells of 24 px rows each
 SHAPES = ("square", "disc", "triangle", "cross", "ring", "diamond")
 TEXTURES = ("solid", "horizontal stripes", "vertical stripes", "checks")
@@ -484,8 +499,8 @@ def render_scene(scene, cfg: SyntheticConfig, rng: np.random.Generator, px: int 
     its group's column band, one cell per object (top / bottom half), at a random place inside it.
     Type t: shape SHAPES[t % 6], colour palette[t // 6] (so 120 types = 6 shapes x 20 colours);
     attribute a: size SIZES[a % 3], texture TEXTURES[(a // 3) % 4] (the off texels darkened).
-    A relation's two objects each carry a 3 x 3 px pose mark at their top-left corner, its colour the pose
-    (as the region features: the relation is the difference of the two marks, neither shows it alone).
+    A relation's two objects each carry a 3 x 3 px pose mark at their top-left corner, its grey level the
+    pose (as the region features: the relation is the difference of the two marks, neither shows it alone).
     `scene`: a Scene, or a list of object rows."""
     scene = _as_scene(scene)
     colours = _palette(max(1, -(-cfg.n_object_types // len(SHAPES))), 0.55)
@@ -498,7 +513,8 @@ def render_scene(scene, cfg: SyntheticConfig, rng: np.random.Generator, px: int 
     poses = {}
     for subject, obj, r, pose in scene.relations:
         poses[subject], poses[obj] = pose, (pose + r) % cfg.n_relations
-    pose_colours = _palette(max(1, cfg.n_relations), 0.7) if poses else None
+    # Grey levels: no object or background colour is grey (all are saturated hues), so a mark always shows.
+    pose_grey = np.linspace(60, 255, max(1, cfg.n_relations))
     band = px / cfg.n_groups
     cell = px / cfg.objects_per_group
     slots: dict[int, int] = {}
@@ -515,7 +531,7 @@ def render_scene(scene, cfg: SyntheticConfig, rng: np.random.Generator, px: int 
         view = img[y0:y0 + s, x0:x0 + s]
         view[mask] = patch[mask]
         if slot in poses:
-            img[y0:y0 + 3, x0:x0 + 3] = pose_colours[poses[slot]]
+            img[y0:y0 + 3, x0:x0 + 3] = pose_grey[poses[slot]]
     img += rng.normal(0, 10, img.shape)
     return np.clip(img, 0, 255).astype(np.uint8)
 

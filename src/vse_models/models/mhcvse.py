@@ -30,8 +30,8 @@ region dropout and residual MLP), `pooling="gpo"` (the baseline's pooling instea
 ("post_norm", "pre_norm", "rezero": cvse_parts.SelfAttentionBlock). Their measured effect on the synthetic
 data is in the README.
 
-`cvse` (class CVSE below) is this model with MH-CVSE's four additions off by default (no self-attention,
-fixed loss weights, step schedule, weight_sum fusion): CVSE, the yardstick of MH-CVSE's claim.
+`cvse` (class CVSE below) is this model with MH-CVSE's additions off by default (no self-attention,
+fixed loss weights, step schedule; fusion weight_sum, as here): CVSE, the yardstick of MH-CVSE's claim.
 
 `backend="reference"` uses torch.nn.MultiheadAttention and the pure-PyTorch hinge loss and imports
 nothing from vse_kernels.
@@ -287,7 +287,7 @@ class MHCVSE(RetrievalModel):
 
 @register_model("cvse")
 class CVSE(MHCVSE):
-    """`cvse`: MH-CVSE with its four additions off, i.e. CVSE (ECCV 2020) as its code trains it: no
+    """`cvse`: MH-CVSE with its additions off, i.e. CVSE (ECCV 2020) as its code trains it: no
     self-attention, CVSE's fixed loss weights (3, 5, 1, 2), step learning-rate schedule, `weight_sum` fusion.
     The yardstick of MH-CVSE's claim; each addition can be switched back on with its option."""
 
