@@ -6,6 +6,7 @@ import hashlib
 from collections import Counter
 
 import numpy as np
+import torch
 import pytest
 
 from vse_models.cvse_parts import build_concept_data
@@ -189,3 +190,33 @@ def test_bad_world_parameters_are_refused(params, message):
     with pytest.raises(ValueError, match=message):
         SyntheticConfig.from_dict(params)
     SyntheticConfig.from_dict({**params, "n_topics": 0, "n_background": 20, "n_relations": 0, "topic_affinity": 0.8})
+
+
+def test_relation_probe_counts_pairs_by_what_tells_them_apart(tmp_path, monkeypatch):
+    from vse_models.probe_relations import family_pair_accuracy, main as probe_main
+    from vse_models.train import main as train_main
+
+    objects = [[0, 1, 0], [5, 0, 0], [2, 1, 1], [35, 0, 1], [1, 1, 2], [6, 0, 2]]
+    chasing, holding = RELATIONS.index("chasing"), RELATIONS.index("holding")
+    cfg = SyntheticConfig()
+    scenes = [Scene(objects, 0, [(1, 3, chasing, 4)], 6), Scene(objects, 0, [(1, 3, holding, 2)], 6),
+              Scene([[0, 1, 0], [5, 1, 0], *objects[2:]], 0, [(1, 3, chasing, 4)], 6)]   # a blue dog
+    texts = ["a red dog chasing a ball .", "a dog holding a ball ."]   # image 0's, image 1's (k = 1 each)
+    claims = [parse_caption(t, cfg) for t in texts] + [parse_caption("a dog and a ball .", cfg)]
+    # caption 0 (image 0): image 1 is a relation pair (same objects, holding), image 2 an object pair (blue dog);
+    # caption 1 (image 1): images 0 and 2 are relation pairs; caption 2 describes all three: no pair.
+    good = lambda first, stop: torch.eye(3)                      # noqa: E731  each caption's own image wins
+    tie = lambda first, stop: torch.zeros(3, 3)                  # noqa: E731  ties never count as right
+    assert family_pair_accuracy(scenes, claims, 3, 1, good) == {
+        "relation_pairs": 3, "object_pairs": 1, "relation_accuracy": 1.0, "object_accuracy": 1.0}
+    assert family_pair_accuracy(scenes, claims, 3, 1, tie)["relation_accuracy"] == 0.0
+    # On a tiny run end to end, and refused on the world without relations.
+    monkeypatch.setenv("VSE_DATA_CACHE", str(tmp_path / "cache"))
+    tiny = ["--synthetic", "n_train=30", "--synthetic", "n_dev=12", "--synthetic", "n_test=12", "--synthetic",
+            "n_regions=8", "--synthetic", "feat_dim=16", "--batch-size", "15", "--epochs", "1", "--no-progress",
+            "--model", "vse", "--option", "embed_size=16", "--option", "word_dim=8"]
+    assert train_main([*tiny, "--out", str(tmp_path / "run")]) == 0
+    assert probe_main([str(tmp_path / "run")]) == 0
+    assert train_main([*tiny, "--synthetic", "n_relations=0", "--out", str(tmp_path / "old")]) == 0
+    with pytest.raises(ValueError, match="not a synthetic data set with relations"):
+        probe_main([str(tmp_path / "old")])

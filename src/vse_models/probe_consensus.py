@@ -131,12 +131,17 @@ def probe(run: str, split_name: str = "dev", which: str = "best", completion_k: 
     return out
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m vse_models.probe_consensus", description=__doc__.split("\n\n")[0])
-    p.add_argument("run", help="run folder of an mh-cvse or cvse training run")
-    p.add_argument("--split", default="dev")
+def probe_arguments(argv: list[str] | None, module: str, doc: str, run_help: str, split: str) -> argparse.Namespace:
+    """The command line of a `python -m vse_models.probe_*` module: RUN [--split] [--which]."""
+    p = argparse.ArgumentParser(prog=f"python -m vse_models.{module}", description=doc.split("\n\n")[0])
+    p.add_argument("run", help=run_help)
+    p.add_argument("--split", default=split)
     p.add_argument("--which", choices=["best", "last"], default="best")
-    args = p.parse_args(argv)
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = probe_arguments(argv, "probe_consensus", __doc__, "run folder of an mh-cvse or cvse training run", "dev")
     out = probe(args.run, args.split, args.which)
     scores = out.pop("rsum")
     for name, value in out.items():
