@@ -18,7 +18,7 @@ from typing import Callable
 import torch
 
 from .checkpoint import load_checkpoint
-from .data.synthetic import SyntheticConfig, _split_scenes, _World, describes, parse_caption
+from .data.synthetic import SyntheticConfig, describes, parse_caption, scenes_and_claims
 from .evaluation import encode_split
 from .models import DataInfo, slice_embeddings
 from .train import data_root, load_split
@@ -53,14 +53,7 @@ def probe(run: str, split_name: str = "test", which: str = "best") -> dict:
     if not params.get("n_relations"):
         raise ValueError(f"{root}: not a synthetic data set with relations (params.json with n_relations > 0)")
     cfg = SyntheticConfig.from_dict({f.name: params[f.name] for f in fields(SyntheticConfig) if f.name in params})
-    codes = {"train": (1, cfg.n_train), "dev": (2, cfg.n_dev), "test": (3, cfg.n_test)}
-    if split_name not in codes:
-        raise ValueError(f"split must be one of {sorted(codes)}, got {split_name!r}")
-    code, n = codes[split_name]
-    scenes, claims = [], []
-    for scene, _, _, caps in _split_scenes(n, code, cfg, _World(cfg)):
-        scenes.append(scene)
-        claims += [claim for _, claim in caps]
+    scenes, claims = scenes_and_claims(cfg, split_name)
     split = load_split(root, split_name, vocab, config["run"]["features"], DataInfo(**config["data_info"]))
     for c, text in enumerate(split.captions):  # the folder must hold what the generator draws again
         if parse_caption(text, cfg) != claims[c]:

@@ -412,17 +412,25 @@ def _splits(cfg: SyntheticConfig):
         yield code, split, n
 
 
+def scenes_and_claims(cfg: SyntheticConfig, split: str, world: _World | None = None) -> tuple[list, list]:
+    """(scenes, claims of every caption in order) of a split of `cfg`, drawn again from its random stream."""
+    for code, name, n in _splits(cfg):
+        if name == split:
+            scenes, claims = [], []
+            for scene, _, _, caps in _split_scenes(n, code, cfg, world or _World(cfg)):
+                scenes.append(scene)
+                claims += [c for _, c in caps]
+            return scenes, claims
+    raise ValueError(f"a synthetic split is train, dev or test, got {split!r}")
+
+
 def add_positives(cfg: SyntheticConfig, root: str | Path) -> None:
     """Writes the missing `{split}_positives.npz` of a set generated before they existed (the scenes are
     drawn again from the same random streams; the other files are not touched)."""
     root, world = Path(root), _World(cfg)
-    for code, split, n in _splits(cfg):
+    for _, split, _ in _splits(cfg):
         if not (root / POSITIVES_FILE.format(split=split)).is_file():
-            scenes, claims = [], []
-            for scene, _, _, caps in _split_scenes(n, code, cfg, world):
-                scenes.append(scene)
-                claims += [c for _, c in caps]
-            _write_positives(root, split, scenes, claims)
+            _write_positives(root, split, *scenes_and_claims(cfg, split, world))
 
 
 def generate(cfg: SyntheticConfig, root: str | Path) -> Path:
