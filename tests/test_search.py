@@ -24,7 +24,7 @@ from vse_models.data import Split, Vocabulary, ensure_synthetic
 from vse_models.errors import CheckpointError, NonFiniteError
 from vse_models.evaluation import encode_split
 from vse_models.gallery import GalleryIndex, GalleryWriter
-from vse_models.models import DataInfo, build_model
+from vse_models.models import DataInfo, build_model, slice_embeddings
 from vse_models.search import main as search_main
 from vse_models.topk import reference_topk, search
 from vse_models.train import main as train_main
@@ -342,17 +342,13 @@ def test_index_and_search_for_the_other_models(name, tmp_path, monkeypatch):
     for a, b in zip(*(x if isinstance(x, tuple) else (x,) for x in (index.images, img))):
         assert torch.equal(a, b)
     hits = r.search(r.open_index(tmp_path / "dev.safetensors"), texts=dev.captions[:6], k=4)
-    ref_vals, ref_idx = reference_topk(r.score(img, _rows(txt, 0, 6)).t(), 4)
+    ref_vals, ref_idx = reference_topk(r.score(img, slice_embeddings(txt, 0, 6)).t(), 4)
     torch.testing.assert_close(hits.scores, ref_vals)
     assert torch.equal(hits.indices, ref_idx)
     hits = r.search(index, image_ids=index.image_ids[:2], k=7)
-    ref_vals, ref_idx = reference_topk(r.score(_rows(img, 0, 2), txt), 7)
+    ref_vals, ref_idx = reference_topk(r.score(slice_embeddings(img, 0, 2), txt), 7)
     torch.testing.assert_close(hits.scores, ref_vals)
     assert torch.equal(hits.indices, ref_idx)
-
-
-def _rows(emb, s, e):
-    return emb[s:e] if isinstance(emb, torch.Tensor) else type(emb)(x[s:e] for x in emb)
 
 
 def test_faiss_candidates_and_exact_rerank(tmp_path):

@@ -25,7 +25,7 @@ import torch
 
 from .errors import CheckpointError, NonFiniteError
 from .gallery import GalleryWriter, IndexFile
-from .models import is_int
+from .models import is_int, take_embeddings
 from .topk import chunk_topk, check_k, num_items, to_device
 from .evaluation import _FiniteScores
 
@@ -52,11 +52,6 @@ def default_factory(n_units: int, d: int) -> str:
     while d % m:
         m -= 1
     return f"IVF{nlist},PQ{m}"
-
-
-def take_embeddings(emb, idx: torch.Tensor):
-    """emb[idx] for a tensor or tuple of tensors (rows gathered: from a memory map only those are read)."""
-    return emb[idx] if isinstance(emb, torch.Tensor) else type(emb)(e[idx] for e in emb)
 
 
 class UnitIndex:

@@ -27,7 +27,7 @@ from .data.precomp import Batch, _check_finite_features, pad_tokens
 from .data.vocab import UNK, tokenize
 from .evaluation import iter_embeddings
 from .gallery import STORAGE_DTYPES, GalleryIndex, GalleryWriter, encode_strings, model_fingerprint
-from .models import cat_embeddings, is_int
+from .models import cat_embeddings, float_embeddings, is_int, take_embeddings
 from .topk import check_k, search as streamed_search, to_device
 
 
@@ -79,7 +79,7 @@ class Retriever:
             batch = Batch(tokens=tokens, lengths=lengths, padding_mask=mask, caption_ids=ids,
                           extra={"captions": texts[s:s + batch_size]})   # a BERT text backbone reads these
             parts.append(self.model.encode_texts(batch.to(self.device)))
-        return _float(cat_embeddings(parts))
+        return float_embeddings(cat_embeddings(parts))
 
     def unknown_words(self, text: str) -> list[str]:
         """The words of `text` that the run's vocabulary reads as <unk>."""
@@ -98,7 +98,7 @@ class Retriever:
         the image ids, which seed the fixed evaluation views of AVSE's grid model (default 0..B-1, as
         `vse-eval` numbers a split)."""
         if isinstance(images, Batch):
-            return _float(self.model.encode_images(images.to(self.device)))
+            return float_embeddings(self.model.encode_images(images.to(self.device)))
         if self.raw_images:
             return self._encode_pictures(images, ids, batch_size)
         feats = images.detach().cpu().numpy() if isinstance(images, torch.Tensor) else np.asarray(images)
@@ -119,7 +119,7 @@ class Retriever:
             batch = Batch(images=torch.from_numpy(chunk), img_ids=ids[s:s + len(chunk)], grid_size=info.grid_size,
                           image_lengths=torch.full((len(chunk),), info.set_size, dtype=torch.long))
             parts.append(self.model.encode_images(batch.to(self.device)))
-        return _float(cat_embeddings(parts))
+        return float_embeddings(cat_embeddings(parts))
 
     def _encode_pictures(self, images, ids, batch_size: int):
         from .data.images import decode_image, transform
@@ -147,7 +147,7 @@ class Retriever:
             chunk = [transform(pixels(s + j, im), size, None) for j, im in enumerate(images[s:s + batch_size])]
             batch = Batch(images=torch.stack(chunk), img_ids=ids[s:s + len(chunk)])
             parts.append(self.model.encode_images(batch.to(self.device)))
-        return _float(cat_embeddings(parts))
+        return float_embeddings(cat_embeddings(parts))
 
     @torch.no_grad()
     def score(self, img_emb, txt_emb) -> torch.Tensor:
@@ -236,7 +236,7 @@ class Retriever:
         else:
             if index.texts is None:
                 raise ValueError(f"{index.path} holds no captions (built without them): image queries need them")
-            queries = (to_device(_take(index.images, self.image_rows(index, image_ids)), self.device)
+            queries = (to_device(take_embeddings(index.images, self.image_rows(index, image_ids)), self.device)
                        if image_ids is not None else image_emb)
             gallery, side, n_gallery, what = index.texts, "image", index.n_texts, "gallery's captions"
         check_k(k, n_gallery, what)
@@ -277,14 +277,6 @@ class Retriever:
             raise ValueError(f"unknown image id(s) {unknown[:5]} in {index.path} ({index.n_images} images, ids like "
                              f"{shown}{', ...' if index.n_images > 5 else ''})")
         return torch.tensor([where[str(i)] for i in ids], dtype=torch.long)
-
-
-def _float(emb):
-    return emb.float() if isinstance(emb, torch.Tensor) else type(emb)(e.float() for e in emb)
-
-
-def _take(emb, rows: torch.Tensor):
-    return emb[rows] if isinstance(emb, torch.Tensor) else type(emb)(e[rows] for e in emb)
 
 
 def _parts_of(emb) -> list[torch.Tensor]:

@@ -23,7 +23,7 @@ import torch
 
 from .data.precomp import Split, sequential_batches
 from .errors import NonFiniteError
-from .models import cat_embeddings, slice_embeddings
+from .models import cat_embeddings, float_embeddings, slice_embeddings
 
 METRIC_KEYS = ("i2t_r1", "i2t_r5", "i2t_r10", "i2t_medr", "i2t_meanr",
                "t2i_r1", "t2i_r5", "t2i_r10", "t2i_medr", "t2i_meanr", "rsum")
@@ -174,7 +174,7 @@ def iter_embeddings(model, split: Split, side: str, batch_size: int = 256, devic
             with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
                 emb = encode(batch.to(device))
             # Scores are computed in float32 outside autocast, whatever precision the encoders ran in.
-            yield start, _float(emb)
+            yield start, float_embeddings(emb)
             start += len(batch)
     finally:
         model.train(was_training)
@@ -184,10 +184,6 @@ def encode_split(model, split: Split, batch_size: int = 256, device=None, autoca
     """(image embeddings of all N images, text embeddings of all k·N captions), on `device`."""
     return tuple(cat_embeddings([emb for _, emb in iter_embeddings(model, split, side, batch_size, device, autocast_dtype)])
                  for side in ("image", "text"))
-
-
-def _float(emb):
-    return emb.float() if isinstance(emb, torch.Tensor) else type(emb)(e.float() for e in emb)
 
 
 def _num_items(emb) -> int:

@@ -225,10 +225,10 @@ class IndexFile:
         if size != 8 + n + end:
             raise CheckpointError(f"{path}: {size} bytes, the header describes {8 + n + end}: the file is "
                                   f"{'truncated' if size < 8 + n + end else 'longer than its header says'} (rebuild it)")
+        if meta.get("content", "gallery") != self.content:  # before the checksum: no hashing of a wrong file
+            raise CheckpointError(f"{path} holds {meta.get('content', 'gallery')!r}, not {self.content!r}")
         if verify and _data_sha256(path, 8 + n, end) != meta.get("data_sha256"):
             raise CheckpointError(f"{path}: checksum mismatch, the file is corrupt or was changed after it was built")
-        if meta.get("content", "gallery") != self.content:
-            raise CheckpointError(f"{path} holds {meta.get('content', 'gallery')!r}, not {self.content!r}")
 
     def tensor(self, name: str) -> torch.Tensor:
         dtype, np_dtype, shape, offset = self.tensors[name]

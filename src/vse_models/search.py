@@ -23,7 +23,7 @@ import torch
 
 from .api import load
 from .gallery import STORAGE_DTYPES
-from .models import is_int
+from .models import is_int, slice_embeddings
 from .topk import check_k
 
 
@@ -94,15 +94,11 @@ def build(args, retriever, progress) -> None:
     if args.faiss:
         from .ann import UnitIndex
 
-        units = UnitIndex.build(lambda s, e: retriever.search_units(_rows(index.images, s, e), "image").cpu(),
+        units = UnitIndex.build(lambda s, e: retriever.search_units(slice_embeddings(index.images, s, e), "image").cpu(),
                                 index.n_images, factory=args.factory,
                                 progress=None if progress is None else (lambda it: progress(it, desc="faiss")))
         path = UnitIndexFile.save(units, index, overwrite=args.overwrite)
         print(f"wrote {path}: FAISS {units.factory} over {units.index.ntotal} image units")
-
-
-def _rows(emb, s, e):
-    return emb[s:e] if isinstance(emb, torch.Tensor) else type(emb)(x[s:e] for x in emb)
 
 
 def run_search(args, retriever) -> list[dict]:

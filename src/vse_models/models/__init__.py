@@ -128,6 +128,16 @@ def slice_embeddings(emb, start: int, stop: int):
     return type(emb)(e[start:stop] for e in emb)
 
 
+def take_embeddings(emb, idx: torch.Tensor):
+    """emb[idx] for a tensor or tuple of tensors (rows gathered: from a memory map only those are read)."""
+    return emb[idx] if isinstance(emb, torch.Tensor) else type(emb)(e[idx] for e in emb)
+
+
+def float_embeddings(emb):
+    """emb in float32, a tensor or a tuple of tensors."""
+    return emb.float() if isinstance(emb, torch.Tensor) else type(emb)(e.float() for e in emb)
+
+
 def cat_embeddings(chunks: list):
     """Concatenates per-batch embeddings (tensors or tuples of tensors) along dim 0."""
     if isinstance(chunks[0], torch.Tensor):
